@@ -1,0 +1,302 @@
+"""One validated configuration for every stage of the kit.
+
+``load_config(profile="tiny", **overrides)`` returns a frozen :class:`Config`. Profiles:
+
+- ``tiny``: the embedded offline default. A small GPT-2 (``GPT2LMHeadModel``) trained from scratch on
+  IMDb with its own 8,192-entry byte-level BPE vocabulary, and the TF-IDF + logistic-regression
+  sentiment classifier as the reward.
+- ``gpt2``: Colab / GPU. ``gpt2`` from the hub, IMDb from the hub, a hub sentiment classifier.
+
+``fast=True`` (or the environment variable ``TDPO_LAB_FAST=1``) shrinks every size and step count so
+that CI and nbval run the same code path in minutes.
+
+Unknown keys and wrong types raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+METHODS = ("dpo", "tdpo1", "tdpo2", "attnpo", "tidpo")
+PROFILES = ("tiny", "gpt2")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type or an invalid value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every knob of the experiment. Field comments give the unit and the paper default."""
+
+    # --- identity -----------------------------------------------------------------------------
+    profile: str = "tiny"
+    fast: bool = False
+    seed: int = 0
+    num_threads: int = 1  # torch CPU threads; 2 threads on 2 shared cores measured slower than 1
+    device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
+    cache_dir: str = ""  # "" = $TDPO_LAB_CACHE, else ~/.cache/tdpo_lab
+
+    # --- data ---------------------------------------------------------------------------------
+    data_path: str = ""  # "" = $TDPO_LAB_IMDB, else the hub's stanfordnlp/imdb
+    max_train_reviews: int = 0  # 0 = all
+    prefix_min_tokens: int = 2  # review prefixes of 2-8 tokens (DPO/TDPO papers)
+    prefix_max_tokens: int = 8
+
+    # --- tokenizer and model ------------------------------------------------------------------
+    tokenizer: str = "bpe"  # "bpe" = train a byte-level BPE on IMDb; else a hub name or folder
+    vocab_size: int = 8192  # size of the trained BPE (tiny profile only)
+    model: str = "scratch"  # "scratch" = small GPT-2 from n_layer/n_embd/...; else hub name or folder
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    n_positions: int = 256
+
+    # --- reward -------------------------------------------------------------------------------
+    reward: str = "classifier"  # "classifier" (offline TF-IDF + LR) or a hub text-classification model
+    reward_batch_size: int = 32
+
+    # --- SFT (pi_ref) -------------------------------------------------------------------------
+    sft_steps: int = 1100
+    sft_batch_size: int = 8
+    sft_block_size: int = 128
+    sft_lr: float = 1e-3
+    sft_warmup_steps: int = 50
+    sft_weight_decay: float = 0.1
+    sft_eval_every: int = 100
+    sft_eval_batches: int = 8
+    sft_checkpoint_every: int = 100
+
+    # --- preference pairs ---------------------------------------------------------------------
+    pair_prompts: int = 256  # train prefixes to sample from
+    samples_per_prompt: int = 4  # K; all K(K-1)/2 ranked pairs are kept
+    max_new_tokens: int = 48
+    min_reward_gap: float = 0.0  # drop pairs whose reward gap is below this
+    sample_batch_size: int = 64
+
+    # --- preference training ------------------------------------------------------------------
+    method: str = "tdpo2"
+    beta: float = 0.1
+    alpha: float = 0.5  # TDPO / TI-DPO KL weight
+    gamma: float = 0.1  # TI-DPO triplet weight (paper; shipped YAML 0.001)
+    lam: float = 0.7  # TI-DPO gradient/prior mix (paper; shipped config 0.2)
+    sigma_div: float = 4.0  # TI-DPO prior sigma = n / sigma_div (paper 4; config 8)
+    triplet_margin: float = 0.001
+    importance_span: str = "response"  # "response" (kit) or "full" (official TI-DPO code)
+    anchor_max_new_tokens: int = 32
+    anchor_temperature: float = 0.8
+    anchor_top_k: int = 50
+    anchor_top_p: float = 0.95
+    attn_layer: int = -1  # AttentionPO judge layer; -1 = last
+    attn_layer_mean: bool = False  # average attention over all layers instead of one
+    attn_fix_sink: bool = True
+    train_steps: int = 300
+    batch_size: int = 8  # preference pairs per step
+    lr: float = 5e-5
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    eval_every: int = 100  # evaluate every k steps (and at step 0 and the last step)
+    checkpoint_every: int = 50
+    chunk_size: int = 0  # rows per chunk in token_stats; 0 = automatic
+
+    # --- evaluation ---------------------------------------------------------------------------
+    eval_prompts: int = 128  # held-out test prefixes
+    eval_samples: int = 4  # M samples per prefix, pure sampling (temperature 1, no top-k/top-p)
+    eval_max_new_tokens: int = 48
+    eval_topk: int = 0  # > 0: also report the reward of top-k samples as a secondary number
+    eval_pairs: int = 64  # held-out preference pairs for the chosen/rejected SeqKL curves
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # --- derived values -----------------------------------------------------------------------
+    @property
+    def cache_path(self) -> Path:
+        """Folder holding the tokenizer, SFT model, pairs and reward caches."""
+        root = self.cache_dir or os.environ.get("TDPO_LAB_CACHE") or Path.home() / ".cache" / "tdpo_lab"
+        return Path(root).expanduser()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides) -> Config:
+        """A copy with some fields changed, validated like :func:`load_config`."""
+        _check_keys(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def key(self, *fields: str, extra: object = None) -> str:
+        """A short hash of the named fields (plus ``extra``): the cache key of a stage."""
+        payload = {name: getattr(self, name) for name in fields}
+        payload["extra"] = extra
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+PROFILE_DEFAULTS: dict[str, dict] = {
+    "tiny": {},
+    "gpt2": {
+        "tokenizer": "gpt2",
+        "model": "gpt2",
+        "reward": "siebert/sentiment-roberta-large-english",
+        "n_positions": 1024,
+        "sft_steps": 500,
+        "sft_batch_size": 16,
+        "sft_block_size": 256,
+        "sft_lr": 5e-5,
+        "sft_warmup_steps": 50,
+        "sft_weight_decay": 0.0,
+        "pair_prompts": 1024,
+        "batch_size": 16,
+        "train_steps": 600,
+        "lr": 5e-6,
+        "eval_every": 100,
+        "eval_prompts": 256,
+    },
+}
+
+# The fast switch: the same code path, every size and step count shrunk (CI, nbval).
+FAST_OVERRIDES: dict[str, object] = {
+    "max_train_reviews": 600,
+    "vocab_size": 2048,
+    "n_layer": 2,
+    "n_head": 2,
+    "n_embd": 64,
+    "n_positions": 128,
+    "sft_steps": 60,
+    "sft_batch_size": 8,
+    "sft_block_size": 64,
+    "sft_lr": 3e-3,
+    "sft_warmup_steps": 5,
+    "sft_eval_every": 30,
+    "sft_eval_batches": 2,
+    "sft_checkpoint_every": 30,
+    "pair_prompts": 16,
+    "max_new_tokens": 16,
+    "sample_batch_size": 32,
+    "train_steps": 12,
+    "batch_size": 4,
+    "lr": 1e-3,
+    "warmup_steps": 2,
+    "eval_every": 6,
+    "checkpoint_every": 6,
+    "anchor_max_new_tokens": 8,
+    "eval_prompts": 8,
+    "eval_samples": 2,
+    "eval_max_new_tokens": 16,
+    "eval_pairs": 8,
+}
+
+
+def fast_from_env() -> bool:
+    """True when ``TDPO_LAB_FAST`` is set to 1/true/yes (the CI and nbval switch)."""
+    return os.environ.get("TDPO_LAB_FAST", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def load_config(profile: str = "tiny", *, fast: bool | None = None, **overrides) -> Config:
+    """Build the validated configuration of ``profile`` with ``overrides`` applied last.
+
+    ``fast=None`` reads ``TDPO_LAB_FAST``. Unknown keys or wrong types raise :class:`ConfigError`.
+
+    >>> load_config("tiny", beta=0.2).beta
+    0.2
+    """
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    _check_keys(overrides)
+    if "profile" in overrides:
+        raise ConfigError("pass the profile as the first argument, not as an override")
+    if fast is None:
+        fast = fast_from_env()
+    values: dict = {"profile": profile, "fast": bool(fast)}
+    values.update(PROFILE_DEFAULTS[profile])
+    if fast:
+        values.update(FAST_OVERRIDES)
+    values.update(overrides)
+    return Config(**values)
+
+
+def config_from_file(path: str | os.PathLike, **overrides) -> Config:
+    """Load a recipe (YAML or JSON mapping of Config fields), then apply ``overrides``."""
+    import yaml
+
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of config keys to values")
+    data.update(overrides)
+    profile = data.pop("profile", "tiny")
+    fast = data.pop("fast", None)
+    return load_config(profile, fast=fast, **data)
+
+
+# --- validation ---------------------------------------------------------------------------------
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _check_keys(overrides: dict) -> None:
+    unknown = sorted(set(overrides) - set(_FIELDS))
+    if unknown:
+        import difflib
+
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, _FIELDS, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown config key {', '.join(hints)}; valid keys are listed in tdpo_lab.config.Config")
+
+
+def _type_ok(value: object, annotation: str) -> bool:
+    expected = {"int": int, "float": float, "str": str, "bool": bool}[annotation]
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _validate(cfg: Config) -> None:
+    for name, field in _FIELDS.items():
+        value = getattr(cfg, name)
+        annotation = field.type if isinstance(field.type, str) else field.type.__name__
+        if not _type_ok(value, annotation):
+            raise ConfigError(
+                f"config key {name!r} must be of type {annotation}, got {type(value).__name__} {value!r}"
+            )
+        if annotation == "float" and isinstance(value, int):
+            object.__setattr__(cfg, name, float(value))
+    checks = [
+        (cfg.profile in PROFILES, "profile", f"one of {PROFILES}"),
+        (cfg.method in METHODS, "method", f"one of {METHODS}"),
+        (cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'"),
+        (cfg.importance_span in ("response", "full"), "importance_span", "'response' or 'full'"),
+        (cfg.beta > 0, "beta", "> 0"),
+        (cfg.alpha >= 0, "alpha", ">= 0"),
+        (cfg.gamma >= 0, "gamma", ">= 0"),
+        (0.0 <= cfg.lam <= 1.0, "lam", "in [0, 1]"),
+        (cfg.sigma_div > 0, "sigma_div", "> 0"),
+        (1 <= cfg.prefix_min_tokens <= cfg.prefix_max_tokens, "prefix_min_tokens", "1 <= min <= prefix_max_tokens"),
+        (cfg.samples_per_prompt >= 2, "samples_per_prompt", ">= 2 (pairs need two samples)"),
+        (cfg.num_threads >= 0, "num_threads", ">= 0 (0 = torch default)"),
+        (cfg.min_reward_gap >= 0, "min_reward_gap", ">= 0"),
+        (cfg.max_train_reviews >= 0, "max_train_reviews", ">= 0 (0 = all)"),
+        (cfg.chunk_size >= 0, "chunk_size", ">= 0 (0 = automatic)"),
+    ]
+    positive = [
+        "n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "sft_batch_size", "sft_block_size",
+        "pair_prompts", "max_new_tokens", "batch_size", "eval_prompts", "eval_samples",
+        "eval_max_new_tokens", "eval_every", "checkpoint_every", "sft_eval_every", "sft_checkpoint_every",
+        "sample_batch_size", "reward_batch_size", "anchor_max_new_tokens",
+    ]
+    checks += [(getattr(cfg, name) > 0, name, "> 0") for name in positive]
+    checks += [(getattr(cfg, n) >= 0, n, ">= 0") for n in ("sft_steps", "train_steps", "warmup_steps", "lr", "sft_lr")]
+    for ok, name, what in checks:
+        if not ok:
+            raise ConfigError(f"config key {name!r} must be {what}, got {getattr(cfg, name)!r}")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"config key 'n_embd' ({cfg.n_embd}) must be divisible by 'n_head' ({cfg.n_head})")
+
