@@ -166,7 +166,7 @@ FAST_OVERRIDES: dict[str, object] = {
     "n_layer": 2,
     "n_head": 2,
     "n_embd": 64,
-    "n_positions": 128,
+    "n_positions": 256,
     "sft_steps": 60,
     "sft_batch_size": 8,
     "sft_block_size": 64,

@@ -143,7 +143,7 @@ def compute_loss(policy, reference, tokenizer, rows: pd.DataFrame, cfg: Config, 
     if cfg.method == "tidpo" and cfg.gamma > 0:
         trip, skipped = triplet_term(policy, reference, tokenizer, prompts, stats, cfg, step_seed, device)
         loss = loss + cfg.gamma * trip
-        metrics.update({"triplet/loss": float(trip), "triplet/skipped": skipped, "loss": float(loss)})
+        metrics.update({"triplet/loss": trip.item(), "triplet/skipped": skipped, "loss": loss.item()})
     return loss, metrics
 
 

@@ -1,0 +1,102 @@
+"""Seconds per training step of each method on the tiny profile, as a ratio to DPO's.
+
+Same model (the tiny profile's architecture, 8,192-entry vocabulary), same batches of pairs for every
+method; AttentionPO's weights are computed beforehand (as the training loop caches them), TI-DPO pays for
+its gradient attribution and its triplet anchor every step. Methods are timed round-robin, so drift in
+the machine's speed hits all of them alike; the table reports the median over steps.
+
+    python benchmarks/bench_train_step.py --steps 12 --threads 1
+
+Targets on the 2-core development machine: TDPO2 <= 1.15x DPO, AttentionPO <= 1.05x, TI-DPO <= 2.0x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tdpo_lab.config import METHODS, load_config
+from tdpo_lab.data import clean_text, load_imdb, make_prefixes
+from tdpo_lab.importance import attention_weights
+from tdpo_lab.models import build_model
+from tdpo_lab.tokenizer import get_tokenizer
+from tdpo_lab.train import compute_loss
+from tdpo_lab.utils import seed_everything
+
+TARGETS = {"dpo": 1.0, "tdpo1": None, "tdpo2": 1.15, "attnpo": 1.05, "tidpo": 2.0}
+
+
+def synthetic_pairs(tokenizer, cfg, n: int) -> pd.DataFrame:
+    """Pairs of real review text: a 2-8 token prefix and two continuations of about max_new_tokens tokens."""
+    train = load_imdb("train", cfg.data_path or None)
+    texts = [clean_text(t) for t in train["text"][: 2 * n]]
+    prompts = make_prefixes(texts[:n], tokenizer, seed=0)
+
+    def continuation(text: str) -> str:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][8 : 8 + cfg.max_new_tokens]
+        return tokenizer.decode(ids)
+
+    return pd.DataFrame({
+        "prompt": prompts,
+        "chosen": [continuation(t) for t in texts[:n]],
+        "rejected": [continuation(t) for t in texts[n:]],
+        "pair_id": np.arange(n),
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config("tiny", fast=False, batch_size=args.batch_size)
+    seed_everything(0)
+    tokenizer = get_tokenizer(cfg)
+    reference = build_model(cfg, tokenizer).eval().requires_grad_(False)
+    policy = build_model(cfg, tokenizer)
+    policy.load_state_dict(reference.state_dict())
+    judge = build_model(cfg, tokenizer)
+    judge.config._attn_implementation = "eager"
+    judge.load_state_dict(reference.state_dict())
+    judge.eval()
+    n = args.batch_size * (args.steps + args.warmup)
+    pairs = synthetic_pairs(tokenizer, cfg, n)
+    attn = [attention_weights(judge, tokenizer, r.prompt, r.chosen, r.rejected) for r in pairs.itertuples()]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)  # lr 0: every method sees the same model
+
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for step in range(args.warmup + args.steps):
+        rows = pairs.iloc[step * args.batch_size : (step + 1) * args.batch_size]
+        for method in METHODS:
+            mcfg = cfg.replace(method=method)
+            started = time.perf_counter()
+            loss, _ = compute_loss(policy, reference, tokenizer, rows, mcfg, step_seed=step, attn_weights=attn)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
+            if step >= args.warmup:
+                times[method].append(time.perf_counter() - started)
+
+    base = statistics.median(times["dpo"])
+    print(f"tiny profile: {cfg.n_layer} layers x {cfg.n_embd} wide, vocab {len(tokenizer)}, "
+          f"{args.batch_size} pairs per step, {args.steps} timed steps, torch threads {args.threads}\n")
+    print("| method | s / step (median) | x DPO | target |")
+    print("|---|---|---|---|")
+    for method in METHODS:
+        med = statistics.median(times[method])
+        target = TARGETS[method]
+        mark = "" if target is None else (f"<= {target:.2f} " + ("ok" if med / base <= target else "MISSED"))
+        print(f"| {method} | {med:.3f} | {med / base:.2f} | {mark} |")
+
+
+if __name__ == "__main__":
+    main()
