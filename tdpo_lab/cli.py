@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from tdpo_lab.config import METHODS, PROFILES, Config, ConfigError, config_from_file, load_config
+from tdpo_lab.runs import run_name
 
 NOTEBOOKS = (
     "00_setup_and_data.ipynb",
@@ -30,14 +31,6 @@ NOTEBOOKS = (
     "07_attention_po.ipynb",
     "08_frontier_and_results.ipynb",
 )
-
-
-def run_name(cfg: Config) -> str:
-    """The folder name of a run: method, its conservativeness knobs and the seed."""
-    name = f"{cfg.method}_beta{cfg.beta:g}"
-    if cfg.method in ("tdpo1", "tdpo2", "tidpo"):
-        name += f"_alpha{cfg.alpha:g}"
-    return f"{name}_seed{cfg.seed}"
 
 
 def _parse_value(text: str):
@@ -173,9 +166,8 @@ def _sweep_notebook(args: argparse.Namespace) -> int:
                               f"(it has {sorted(declared)})")
         name = "_".join(f"{k}{v}" for k, v in params.items()) or "default"
         point_dir = root / name
-        params = {**params, "run_dir": str(point_dir / "run"), "profile": args.profile}
-        if args.fast:
-            params["fast"] = True
+        extra = {"run_dir": str(point_dir / "run"), "profile": args.profile, **({"fast": True} if args.fast else {})}
+        params = {**{k: v for k, v in extra.items() if k in declared}, **params}
         done = point_dir / "run" / "policy" / "config.json"
         if done.exists():
             print(f"[{i}/{len(points)}] {name}: done already, skipped")
@@ -227,11 +219,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    source = notebooks_dir()
-    names = [n for n in NOTEBOOKS if not args.only or any(n.startswith(p) for p in args.only.split(","))]
-    params = {"profile": args.profile, "run_root": str(out / "runs"), "figures_dir": str(out / "figures")}
-    if args.fast:
-        params["fast"] = True
+    source = Path(args.notebooks) if args.notebooks else notebooks_dir()
+    chapters = NOTEBOOKS if not args.notebooks else tuple(sorted(p.name for p in source.glob("*.ipynb")))
+    names = [n for n in chapters if not args.only or any(n.startswith(p) for p in args.only.split(","))]
+    params = {"profile": args.profile, "fast": bool(args.fast), "run_root": str(out / "runs"),
+              "figures_dir": str(out / "figures")}
     for name in tqdm(names, desc="notebooks", disable=args.quiet):
         path = source / name
         if not path.exists():
@@ -297,6 +289,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="the small CI configuration")
     p.add_argument("--out", default="reproduce")
     p.add_argument("--only", help="comma-separated notebook number prefixes, e.g. 00,01")
+    p.add_argument("--notebooks", help="folder of the chapters (default: the checkout's notebooks/)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 

@@ -628,3 +628,32 @@ def save_figure(fig, figures_dir: str | os.PathLike | None, name: str) -> Path |
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
+
+
+# Fields that do not change a run's results: they never enter its name.
+_NAME_EXCLUDED = ("num_threads", "device", "cache_dir")
+
+
+def run_name(cfg) -> str:
+    """A run's folder name: method, its conservativeness knobs, seed, and a short key of the rest.
+
+    The key covers every other config field, so two runs that differ in anything (steps, lr, ...) never
+    share a folder, and the same configuration always finds its finished run again.
+    """
+    name = f"{cfg.method}_beta{cfg.beta:g}"
+    if cfg.method in ("tdpo1", "tdpo2", "tidpo"):
+        name += f"_alpha{cfg.alpha:g}"
+    fields = [f for f in cfg.to_dict() if f not in _NAME_EXCLUDED]
+    return f"{name}_seed{cfg.seed}_{cfg.key(*fields)[:6]}"
+
+
+def default_run_root(cfg) -> Path:
+    """Where notebooks keep runs when no folder is given: under the cache, per profile and size."""
+    return cfg.cache_path / "runs" / f"{cfg.profile}{'-fast' if cfg.fast else ''}"
+
+
+def resolve_run_dir(cfg, run_dir: str | os.PathLike | None = None, run_root: str | os.PathLike | None = None) -> Path:
+    """``run_dir`` if given, else ``<run_root or default_run_root(cfg)>/<run_name(cfg)>``."""
+    if run_dir:
+        return Path(run_dir)
+    return Path(run_root or default_run_root(cfg)) / run_name(cfg)

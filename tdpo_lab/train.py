@@ -16,6 +16,7 @@ Used by notebooks 04-07; the CLI's ``tdpo-lab run`` calls :func:`train`.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -34,9 +35,9 @@ from tdpo_lab.losses import left_align, preference_loss, triplet_loss
 from tdpo_lab.models import load_model
 from tdpo_lab.pairs import build_pairs, pairs_key, split_pairs
 from tdpo_lab.reward import get_reward
-from tdpo_lab.runs import write_env
+from tdpo_lab.runs import RunDir, read_jsonl_tolerant, write_env
 from tdpo_lab.sft import load_reference, sft_key, train_sft
-from tdpo_lab.utils import append_jsonl, atomic_path, read_jsonl, select_device, set_threads, write_json
+from tdpo_lab.utils import atomic_path, select_device, set_threads, write_json
 
 EVAL_PROMPT_SEED = 1234  # the held-out prefixes are the same for every run, so runs are comparable
 TRAIN_FIELDS = ("method", "beta", "alpha", "gamma", "lam", "sigma_div", "triplet_margin", "importance_span",
@@ -194,18 +195,17 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
     ``eval_every`` steps and the last), ``checkpoint/state.pt`` and, at the end, ``policy/``.
     ``stop_after`` returns after that many steps of this call (for resumption tests).
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_or_write_config(run_dir, cfg)
-    write_env(run_dir)
+    run = RunDir(run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    _check_or_write_config(run.path, cfg)
+    write_env(run.path)
     set_threads(cfg.num_threads)
     device = select_device(cfg.device)
-    metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
-    ckpt_path = run_dir / "checkpoint" / "state.pt"
-    if (run_dir / "policy" / "config.json").exists():
+    ckpt_path = run.checkpoint_dir / "state.pt"
+    if (run.path / "policy" / "config.json").exists():
         if progress:
-            print(f"{run_dir}: finished already (delete it to train again)")
-        return run_dir
+            print(f"{run.path}: finished already (delete it to train again)")
+        return run.path
 
     sft_folder = train_sft(cfg, progress=progress)
     reference, tokenizer = load_reference(cfg, progress=progress)
@@ -228,22 +228,22 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
-        for path in (metrics_path, eval_path):
-            _rewrite_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= step])
+        # lines written after the checkpoint (or cut off by the interruption) are redone
+        for path in (run.metrics_path, run.eval_path):
+            _rewrite_jsonl(path, [r for r in read_jsonl_tolerant(path)[0] if r["step"] <= step])
         if progress:
-            print(f"{run_dir}: resuming from step {step} of {cfg.train_steps}")
+            print(f"{run.path}: resuming from step {step} of {cfg.train_steps}")
     else:
-        metrics_path.unlink(missing_ok=True)
-        eval_path.unlink(missing_ok=True)
-        first = reference_evaluation(cfg, reference, tokenizer, reward, prompts, heldout)
-        append_jsonl(eval_path, {"step": 0, **first})
+        run.metrics_path.unlink(missing_ok=True)
+        run.eval_path.unlink(missing_ok=True)
+        run.log_eval(0, reference_evaluation(cfg, reference, tokenizer, reward, prompts, heldout), cfg)
 
-    bar = tqdm(total=cfg.train_steps, initial=step, desc=f"{cfg.method} beta={cfg.beta}", disable=not progress)
+    bar = tqdm(total=cfg.train_steps, initial=step, desc=f"{cfg.method} beta={cfg.beta:g}", disable=not progress)
     done_this_call = 0
     while step < cfg.train_steps:
         if stop_after is not None and done_this_call >= stop_after:
             bar.close()
-            return run_dir
+            return run.path
         rows = train_pairs.iloc[_batch_rows(len(train_pairs), cfg.batch_size, step, cfg.seed)]
         started = time.perf_counter()
         loss, metrics = compute_loss(policy, reference, tokenizer, rows, cfg, step_seed=cfg.seed * 1_000_003 + step,
@@ -255,22 +255,23 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
         scheduler.step()
         step += 1
         done_this_call += 1
-        metrics.update(step=step, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+        metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                        seconds=time.perf_counter() - started)
-        append_jsonl(metrics_path, metrics)
+        run.log_metrics(step, metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
         if step % cfg.eval_every == 0 or step == cfg.train_steps:
             result = evaluate_policy(policy, reference, tokenizer, reward, prompts, cfg, pairs=heldout, seed=cfg.seed)
-            append_jsonl(eval_path, {"step": step, **result})
+            run.log_eval(step, result, cfg)
             policy.train()
-        if step % cfg.checkpoint_every == 0 or step % cfg.eval_every == 0:
+        if (step % cfg.checkpoint_every == 0 or step % cfg.eval_every == 0) and step < cfg.train_steps:
             _save_checkpoint(ckpt_path, policy, optimizer, scheduler, step)
     bar.close()
-    with atomic_path(run_dir / "policy") as tmp:
+    with atomic_path(run.path / "policy") as tmp:
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return run_dir
+    shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # the finished policy replaces it
+    return run.path
 
 
 def _save_checkpoint(path: Path, policy, optimizer, scheduler, step: int) -> None:

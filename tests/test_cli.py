@@ -1,0 +1,103 @@
+"""The command line: run, sweep (library grid and notebook grid), collect, reproduce, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pandas as pd
+import pytest
+
+from tdpo_lab.cli import main
+from tdpo_lab.utils import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "max_train_reviews=300", "vocab_size=512", "n_layer=1", "n_head=2", "n_embd=32", "n_positions=192",
+    "sft_steps=10", "sft_block_size=48", "pair_prompts=8", "samples_per_prompt=3", "max_new_tokens=8",
+    "train_steps=2", "batch_size=2", "eval_every=1", "eval_prompts=2", "eval_samples=2", "eval_max_new_tokens=6",
+    "eval_pairs=2", "anchor_max_new_tokens=4",
+]
+
+
+@pytest.fixture(scope="module")
+def small_args(imdb_path, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cli-cache")
+    sets = [f"data_path={imdb_path}", f"cache_dir={cache}", *SMALL]
+    return ["--fast", "--quiet", *[arg for s in sets for arg in ("--set", s)]]
+
+
+def test_run_writes_a_run_folder(small_args, tmp_path, capsys):
+    assert main(["run", "--method", "tdpo2", "--beta", "0.2", "--seed", "1", "--out", str(tmp_path / "r"), *small_args]) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (config["method"], config["beta"], config["seed"]) == ("tdpo2", 0.2, 1)
+    assert [e["step"] for e in read_jsonl(tmp_path / "r" / "eval.jsonl")] == [0, 1, 2]
+    assert "results:" in capsys.readouterr().out
+
+
+def test_unknown_key_and_bad_type_exit_with_the_key_named(small_args, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--method", "dpo", "--out", str(tmp_path / "x"), *small_args, "--set", "betta=0.3"])
+    assert exc.value.code == 2
+    assert "betta" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--method", "dpo", "--out", str(tmp_path / "x"), *small_args, "--set", "train_steps=lots"])
+    assert "train_steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", "--methods", "dpo,ppo", "--out", str(tmp_path / "s"), *small_args])
+    assert "ppo" in capsys.readouterr().err
+
+
+def test_sweep_runs_the_grid_and_writes_table_and_figures(small_args, tmp_path):
+    root = tmp_path / "sweep"
+    code = main(["sweep", "--methods", "dpo,tdpo2", "--betas", "0.1,0.5", "--alphas", "0.5", "--seeds", "0,1",
+                 "--out", str(root), *small_args])
+    assert code == 0
+    runs = pd.read_csv(root / "runs.csv")
+    assert runs.groupby(["method", "beta", "seed"]).ngroups == 8
+    summary = pd.read_csv(root / "results.csv")
+    assert set(summary["n_seeds"]) == {2}
+    assert "±" in (root / "results.md").read_text()
+    assert (root / "frontier.png").stat().st_size > 0 and (root / "seqkl.png").stat().st_size > 0
+
+
+def _toy_notebook(path, body: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("x = 1\nrun_dir = None\nprofile = 'tiny'\nfast = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_notebook_sweep_skips_done_points_and_survives_a_failure(tmp_path, capsys):
+    nb = tmp_path / "toy.ipynb"
+    _toy_notebook(nb, "import pathlib\nassert x != 3, 'x must not be 3'\n"
+                      "p = pathlib.Path(run_dir) / 'policy'\np.mkdir(parents=True)\n(p / 'config.json').write_text(str(x))")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("x: [1, 2, 3]\n")
+    out = tmp_path / "out"
+    assert main(["sweep", "--notebook", str(nb), "--grid", str(grid), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED x3" in err and "x must not be 3" in err
+    assert (out / "x1" / "run" / "policy" / "config.json").read_text() == "1"
+    assert (out / "x2" / "toy.ipynb").exists()
+    main(["sweep", "--notebook", str(nb), "--grid", str(grid), "--out", str(out), "--quiet"])
+    assert "x1: done already, skipped" in capsys.readouterr().out
+    grid.write_text("y: [1]\n")
+    with pytest.raises(SystemExit):
+        main(["sweep", "--notebook", str(nb), "--grid", str(grid), "--out", str(out)])
+    assert "'y'" in capsys.readouterr().err
+
+
+def test_reproduce_names_the_failing_notebook_and_cell(tmp_path, capsys):
+    chapters = tmp_path / "nbs"
+    chapters.mkdir()
+    _toy_notebook(chapters / "00_ok.ipynb", "print('fine')")
+    _toy_notebook(chapters / "01_broken.ipynb", "raise RuntimeError('deliberate failure')")
+    code = main(["reproduce", "--notebooks", str(chapters), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "01_broken.ipynb" in err and "deliberate failure" in err and "cell" in err
+    assert (tmp_path / "out" / "00_ok.ipynb").exists()
