@@ -63,8 +63,7 @@ def main() -> None:
     reference = build_model(cfg, tokenizer).eval().requires_grad_(False)
     policy = build_model(cfg, tokenizer)
     policy.load_state_dict(reference.state_dict())
-    judge = build_model(cfg, tokenizer)
-    judge.config._attn_implementation = "eager"
+    judge = build_model(cfg, tokenizer, attn_implementation="eager")
     judge.load_state_dict(reference.state_dict())
     judge.eval()
     n = args.batch_size * (args.steps + args.warmup)

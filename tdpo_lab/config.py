@@ -208,11 +208,11 @@ def load_config(profile: str = "tiny", *, fast: bool | None = None, **overrides)
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     _check_keys(overrides)
-    if "profile" in overrides:
-        raise ConfigError("pass the profile as the first argument, not as an override")
     if fast is None:
         fast = fast_from_env()
-    values: dict = {"profile": profile, "fast": bool(fast)}
+    if not isinstance(fast, bool):
+        raise ConfigError(f"config key 'fast' must be of type bool (or None), got {type(fast).__name__} {fast!r}")
+    values: dict = {"profile": profile, "fast": fast}
     values.update(PROFILE_DEFAULTS[profile])
     if fast:
         values.update(FAST_OVERRIDES)

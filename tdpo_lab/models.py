@@ -1,0 +1,137 @@
+"""Causal language models: a small GPT-2 built from the configuration, or a hub name / local folder.
+
+Every model leaves here with dropout switched off: the methods compare log-probabilities of the
+policy and the reference on the same tokens, and dropout noise would make those comparisons (and the
+tests that check ``loss == ln 2`` at pi_theta = pi_ref) irreproducible.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from tdpo_lab.data import HubUnavailableError, from_pretrained_offline_first
+
+# The kit shows its own progress bars; transformers' per-load/per-save bars only clutter notebooks.
+hf_logging.disable_progress_bar()
+
+
+class ModelError(ValueError):
+    """A model cannot be built or loaded as asked."""
+
+
+def _dtype_keyword() -> str:
+    # transformers renamed ``torch_dtype`` to ``dtype`` in 4.56; 5.x only documents ``dtype``.
+    import transformers
+
+    major, minor = (int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise ModelError(f"unknown dtype {dtype!r}; use e.g. torch.float32, 'float32' or 'bfloat16'")
+    return value
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout probability to 0, in the modules and in ``model.config`` (so saved copies agree)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        for name, value in list(config.to_dict().items()):
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                setattr(config, name, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def small_gpt2_config(cfg, vocab_size: int, eos_token_id: int):
+    """``GPT2Config`` of the from-scratch model: ``cfg.n_layer`` x ``cfg.n_embd`` with ``cfg.n_head`` heads.
+
+    Context ``cfg.n_positions``; bos = eos = pad = ``eos_token_id`` (GPT-2 convention); every dropout 0.
+    """
+    from transformers import GPT2Config
+
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ModelError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+    if not isinstance(eos_token_id, int) or not 0 <= eos_token_id < vocab_size:
+        raise ModelError(f"eos_token_id must be an int in [0, {vocab_size}), got {eos_token_id!r}")
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        summary_first_dropout=0.0,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
+
+
+def load_model(name_or_path: str | os.PathLike, *, attn_implementation: str | None = None, dtype=None):
+    """Load a causal LM with ``AutoModelForCausalLM.from_pretrained``: a folder, the local cache, or the hub.
+
+    ``attn_implementation="eager"`` makes ``output_attentions=True`` return attention maps (AttentionPO);
+    ``dtype`` (``torch.float32``, ``"bfloat16"``, ...) sets the parameter dtype. Dropout is set to 0. The
+    hub is only asked when the name is not cached and a quick probe says it is reachable.
+    """
+    from transformers import AutoModelForCausalLM
+    kwargs: dict = {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype is not None:
+        kwargs[_dtype_keyword()] = _as_dtype(dtype)
+    name = str(name_or_path)
+    try:
+        model = from_pretrained_offline_first(
+            AutoModelForCausalLM.from_pretrained, name, what="model", **kwargs
+        )
+    except HubUnavailableError:
+        raise
+    except (OSError, ValueError) as exc:  # no weights / no config.json / unknown architecture
+        raise ModelError(
+            f"cannot load a causal LM from {name!r} ({exc}); pass a hub name such as 'gpt2' or a folder written by "
+            "save_pretrained"
+        ) from exc
+    return disable_dropout(model)
+
+
+def build_model(cfg, tokenizer, *, attn_implementation: str | None = None):
+    """The policy/reference architecture of ``cfg`` (on CPU; move it with ``.to(device)``).
+
+    ``cfg.model == "scratch"``: a ``GPT2LMHeadModel`` from :func:`small_gpt2_config` with
+    ``len(tokenizer)`` vocabulary entries, initialised from ``cfg.seed`` without touching the global RNG
+    (the same seed always gives the same weights). Otherwise :func:`load_model` of ``cfg.model``, checked
+    to cover every token id of ``tokenizer``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if tokenizer.eos_token_id is None:
+        raise ModelError("the tokenizer has no EOS token; load it with tdpo_lab.tokenizer.get_tokenizer(cfg)")
+    if cfg.model != "scratch":
+        model = load_model(cfg.model, attn_implementation=attn_implementation)
+        rows = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > rows:
+            raise ModelError(
+                f"model {cfg.model!r} has {rows} embedding rows but the tokenizer has {len(tokenizer)} entries; "
+                "use the tokenizer the model was trained with"
+            )
+        return model
+    config = small_gpt2_config(cfg, len(tokenizer), tokenizer.eos_token_id)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return disable_dropout(model)
