@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from tdpo_lab.config import METHODS, PROFILES, Config, ConfigError, config_from_file, load_config
-from tdpo_lab.runs import run_name
+from tdpo_lab.runs import ALPHA_METHODS, run_name
 
 NOTEBOOKS = (
     "00_setup_and_data.ipynb",
@@ -115,7 +115,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     points = []
     for method, beta, seed in itertools.product(methods, _floats(args.betas), _ints(args.seeds)):
-        alphas = _floats(args.alphas) if method in ("tdpo1", "tdpo2", "tidpo") else [None]
+        alphas = _floats(args.alphas) if method in ALPHA_METHODS else [None]
         for alpha in alphas:
             extra = {"method": method, "beta": beta, "seed": seed}
             if alpha is not None:
@@ -277,7 +277,7 @@ def make_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--methods", default="dpo,tdpo1,tdpo2,attnpo,tidpo")
     p.add_argument("--betas", default="0.1")
-    p.add_argument("--alphas", default="0.5", help="for tdpo1/tdpo2/tidpo")
+    p.add_argument("--alphas", default="0.5", help="for tdpo2 and tidpo (tdpo1 has no alpha)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--notebook", help="execute this chapter once per grid point with papermill")
     p.add_argument("--grid", help="YAML mapping of notebook parameters to lists of values")

@@ -10,6 +10,7 @@ Two kinds behind one interface, ``RewardModel.score(texts) -> np.ndarray`` of P(
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import warnings
@@ -260,12 +261,20 @@ def load_reward(
 
 
 def get_reward(cfg) -> RewardModel:
-    """``load_reward`` with the configuration's reward kind, data path, cache root, device and batch size."""
-    device = None if cfg.reward == "classifier" else select_device(cfg.device)
+    """``load_reward`` with the configuration's reward kind, data path, cache root, device and batch size.
+
+    Kept per process: a notebook that trains several runs loads (and reports) its reward model once.
+    """
+    data_path = cfg.data_path or os.environ.get("TDPO_LAB_IMDB") or None
+    return _reward_for(cfg.reward, data_path, str(cfg.cache_path), cfg.device, cfg.reward_batch_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _reward_for(kind: str, data_path: str | None, cache_dir: str, device: str, batch_size: int) -> RewardModel:
     return load_reward(
-        cfg.reward,
-        data_path=cfg.data_path or None,
-        cache_dir=cfg.cache_path,
-        device=device,
-        batch_size=cfg.reward_batch_size,
+        kind,
+        data_path=data_path,
+        cache_dir=cache_dir,
+        device=None if kind == "classifier" else select_device(device),
+        batch_size=batch_size,
     )

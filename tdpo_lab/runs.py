@@ -34,9 +34,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tdpo_lab.utils import append_jsonl, write_json
+from tdpo_lab.utils import append_jsonl, stable_hash, write_json
 
 __all__ = [
+    "save_figure",
+    "run_name",
+    "default_run_root",
+    "resolve_run_dir",
+    "setting_key",
     "METHOD_COLORS",
     "METHOD_NAMES",
     "RunDir",
@@ -68,7 +73,10 @@ METHOD_NAMES: dict[str, str] = {
     "tidpo": "TI-DPO",
 }
 # alpha only changes these losses (METHODS section 3); elsewhere it is not shown in labels.
-ALPHA_METHODS = ("tdpo2", "tidpo")
+ALPHA_METHODS = ("tdpo2", "tidpo")  # methods with an alpha knob (TDPO1's KL term has none)
+# Fields that do not change a run's results: they never enter its name.
+_NAME_EXCLUDED = ("num_threads", "device", "cache_dir")
+_NOT_SETTING = ("seed", *_NAME_EXCLUDED)
 CONFIG_COLUMNS = ("method", "beta", "alpha", "seed", "profile")
 SETTING = ["method", "beta", "alpha"]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -257,6 +265,7 @@ def collect(root: str | os.PathLike, *, config_columns: Sequence[str] = CONFIG_C
             row = {"run": name}
             for key in config_columns:
                 row[key] = config.get(key, record.get(key))
+            row["setting"] = setting_key(config)
             row["step"] = record.get("step")
             row.update({k: v for k, v in record.items() if k not in row})
             row["path"] = str(run_path)
@@ -270,7 +279,7 @@ def collect(root: str | os.PathLike, *, config_columns: Sequence[str] = CONFIG_C
         warnings.warn(
             f"collect: skipped {bad_lines} unreadable eval.jsonl line(s) (interrupted runs?)", stacklevel=2
         )
-    columns = ["run", *config_columns, "step"]
+    columns = ["run", *config_columns, "setting", "step"]
     table = pd.DataFrame(rows)
     if table.empty:
         return pd.DataFrame(columns=[*columns, "path"])
@@ -279,22 +288,36 @@ def collect(root: str | os.PathLike, *, config_columns: Sequence[str] = CONFIG_C
     return _sorted(table, ["method", "beta", "alpha", "seed", "step"])
 
 
+def setting_key(config: dict) -> str:
+    """A short key of everything in a run's config but its seed: runs that share it differ only by seed."""
+    return stable_hash({k: v for k, v in config.items() if k not in _NOT_SETTING}, 6)
+
+
 def summarise(
-    table: pd.DataFrame, *, by: Sequence[str] = ("method", "beta", "alpha", "step")
+    table: pd.DataFrame, *, by: Sequence[str] = ("method", "beta", "alpha", "setting", "step")
 ) -> pd.DataFrame:
-    """Mean and standard error over seeds (rows) per (method, beta, alpha, step).
+    """Mean and standard error over seeds (rows) per (method, beta, alpha, setting, step).
+
+    ``setting`` (from :func:`collect`) keys everything but the seed, so runs that differ in anything else
+    (steps, lr, profile, ...) are never averaged as if they were seeds. A group holding the same seed twice
+    is an error.
 
     For every numeric metric m: column ``m`` is the mean over the group's rows and ``m_se`` =
     std(ddof=1) / sqrt(n) the standard error of that mean (0.0 for a single seed); within-run standard
     errors (``*_stderr`` columns) are averaged and get no ``_se``. ``n_seeds`` = rows in the group.
     """
-    by = list(by)
+    by = [c for c in by if c != "setting" or "setting" in table.columns]
     missing = [c for c in by if c not in table.columns]
     if missing:
         raise ValueError(f"table lacks column(s) {missing}; build it with tdpo_lab.runs.collect")
     skip = set(by) | {"seed", "run", "path"}
     metrics = [c for c in table.columns if c not in skip and pd.api.types.is_numeric_dtype(table[c])]
     groups = table.groupby(by, dropna=False, sort=True)
+    if "seed" in table.columns and (groups["seed"].nunique() < groups.size()).any():
+        raise ValueError(
+            "summarise: some (method, beta, alpha, setting, step) groups hold the same seed twice; "
+            "collect each sweep from its own folder"
+        )
     mean = groups[metrics].mean()
     count = groups.size()
     out = pd.DataFrame(index=mean.index)
@@ -630,8 +653,6 @@ def save_figure(fig, figures_dir: str | os.PathLike | None, name: str) -> Path |
     return path
 
 
-# Fields that do not change a run's results: they never enter its name.
-_NAME_EXCLUDED = ("num_threads", "device", "cache_dir")
 
 
 def run_name(cfg) -> str:
@@ -641,7 +662,7 @@ def run_name(cfg) -> str:
     share a folder, and the same configuration always finds its finished run again.
     """
     name = f"{cfg.method}_beta{cfg.beta:g}"
-    if cfg.method in ("tdpo1", "tdpo2", "tidpo"):
+    if cfg.method in ALPHA_METHODS:
         name += f"_alpha{cfg.alpha:g}"
     fields = [f for f in cfg.to_dict() if f not in _NAME_EXCLUDED]
     return f"{name}_seed{cfg.seed}_{cfg.key(*fields)[:6]}"
