@@ -217,6 +217,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     import papermill as pm
     from tqdm.auto import tqdm
 
+    from tdpo_lab.utils import progress_off
+
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = Path(args.notebooks) if args.notebooks else notebooks_dir()
@@ -224,7 +226,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     names = [n for n in chapters if not args.only or any(n.startswith(p) for p in args.only.split(","))]
     params = {"profile": args.profile, "fast": bool(args.fast), "run_root": str(out / "runs"),
               "figures_dir": str(out / "figures")}
-    for name in tqdm(names, desc="notebooks", disable=args.quiet):
+    for name in tqdm(names, desc="notebooks", disable=progress_off(not args.quiet)):
         path = source / name
         if not path.exists():
             raise FileNotFoundError(f"notebook {path} is missing from the checkout")

@@ -192,6 +192,27 @@ FAST_OVERRIDES: dict[str, object] = {
 }
 
 
+# Knobs only some methods read. A run of any other method ignores them, so they never split its runs:
+# not in its folder name, not in the check that a resumed run has the same config, not in result groups.
+METHOD_KNOBS: dict[str, tuple[str, ...]] = {
+    "alpha": ("tdpo2", "tidpo"),  # TDPO1's KL term has no alpha
+    **{k: ("tidpo",) for k in ("gamma", "lam", "sigma_div", "triplet_margin", "importance_span",
+                               "anchor_max_new_tokens", "anchor_temperature", "anchor_top_k", "anchor_top_p")},
+    **{k: ("attnpo",) for k in ("attn_layer", "attn_layer_mean", "attn_fix_sink")},
+}
+# Fields that change how fast a run goes, never what it computes.
+RUNTIME_FIELDS = ("num_threads", "device", "cache_dir")
+
+
+def result_fields(config: dict) -> dict:
+    """The fields of a config (as a dict) that can change a run's results under its method."""
+    method = config.get("method")
+    return {
+        k: v for k, v in config.items()
+        if k not in RUNTIME_FIELDS and (k not in METHOD_KNOBS or method in METHOD_KNOBS[k])
+    }
+
+
 def fast_from_env() -> bool:
     """True when ``TDPO_LAB_FAST`` is set to 1/true/yes (the CI and nbval switch)."""
     return os.environ.get("TDPO_LAB_FAST", "").strip().lower() in {"1", "true", "yes", "on"}

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from tdpo_lab.data import collate_preference_batch
 from tdpo_lab.generation import decode_response, encode_prompts, sample, sample_ids
 from tdpo_lab.logprobs import token_stats
+from tdpo_lab.utils import progress_off
 
 __all__ = [
     "aggregate_samples",
@@ -184,7 +185,7 @@ def evaluate_samples(
         stats = {k: [] for k in ("kl_policy_ref", "logratio", "entropy", "n_tokens")}
         size = cfg.sample_batch_size
         starts = range(0, len(records), size)
-        for start in tqdm(starts, desc="scoring samples", disable=not progress):
+        for start in tqdm(starts, desc="scoring samples", disable=progress_off(progress)):
             chunk = records[start : start + size]
             batch = _collate_ids([r["_context"] for r in chunk], [r["_response"] for r in chunk], eos)
             out = response_stats(policy, reference, **batch)
@@ -275,7 +276,7 @@ def pair_seqkl(
     chosen, rejected = [], []
     try:
         starts = range(0, len(pairs), batch_size)
-        for start in tqdm(starts, desc="pair SeqKL", disable=not progress):
+        for start in tqdm(starts, desc="pair SeqKL", disable=progress_off(progress)):
             rows = pairs.iloc[start : start + batch_size]
             batch = collate_preference_batch(
                 tokenizer,

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from tdpo_lab.utils import stable_hash
+from tdpo_lab.utils import progress_off, stable_hash
 
 __all__ = ["encode_prompts", "sample", "sample_ids"]
 
@@ -104,7 +104,7 @@ def sample_ids(
     )
     try:
         with torch.random.fork_rng(devices=fork_devices):
-            for index, batch in enumerate(tqdm(batches, desc="sampling", disable=not progress)):
+            for index, batch in enumerate(tqdm(batches, desc="sampling", disable=progress_off(progress))):
                 input_ids, attention_mask = _left_pad([ids for _, ids in batch], eos, device)
                 torch.manual_seed(_batch_seed(seed, index))
                 out = model.generate(

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tdpo_lab.config import result_fields
 from tdpo_lab.utils import append_jsonl, stable_hash, write_json
 
 __all__ = [
@@ -74,9 +75,6 @@ METHOD_NAMES: dict[str, str] = {
 }
 # alpha only changes these losses (METHODS section 3); elsewhere it is not shown in labels.
 ALPHA_METHODS = ("tdpo2", "tidpo")  # methods with an alpha knob (TDPO1's KL term has none)
-# Fields that do not change a run's results: they never enter its name.
-_NAME_EXCLUDED = ("num_threads", "device", "cache_dir")
-_NOT_SETTING = ("seed", *_NAME_EXCLUDED)
 CONFIG_COLUMNS = ("method", "beta", "alpha", "seed", "profile")
 SETTING = ["method", "beta", "alpha"]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -290,7 +288,7 @@ def collect(root: str | os.PathLike, *, config_columns: Sequence[str] = CONFIG_C
 
 def setting_key(config: dict) -> str:
     """A short key of everything in a run's config but its seed: runs that share it differ only by seed."""
-    return stable_hash({k: v for k, v in config.items() if k not in _NOT_SETTING}, 6)
+    return stable_hash({k: v for k, v in result_fields(config).items() if k != "seed"}, 6)
 
 
 def summarise(
@@ -664,8 +662,7 @@ def run_name(cfg) -> str:
     name = f"{cfg.method}_beta{cfg.beta:g}"
     if cfg.method in ALPHA_METHODS:
         name += f"_alpha{cfg.alpha:g}"
-    fields = [f for f in cfg.to_dict() if f not in _NAME_EXCLUDED]
-    return f"{name}_seed{cfg.seed}_{cfg.key(*fields)[:6]}"
+    return f"{name}_seed{cfg.seed}_{stable_hash(result_fields(cfg.to_dict()), 6)}"
 
 
 def default_run_root(cfg) -> Path:

@@ -23,7 +23,15 @@ from tdpo_lab.config import Config
 from tdpo_lab.data import clean_text, dataset_fingerprint, load_imdb
 from tdpo_lab.models import build_model, load_model
 from tdpo_lab.tokenizer import get_tokenizer
-from tdpo_lab.utils import append_jsonl, atomic_path, read_jsonl, seed_everything, select_device, set_threads
+from tdpo_lab.utils import (
+    append_jsonl,
+    atomic_path,
+    progress_off,
+    read_jsonl,
+    seed_everything,
+    select_device,
+    set_threads,
+)
 
 # Everything the SFT model depends on; changing any of these trains a new model.
 SFT_FIELDS = (
@@ -144,7 +152,7 @@ def train_sft(cfg: Config, *, progress: bool = True, stop_after: int | None = No
         append_jsonl(history_path, {"step": 0, "eval_loss": heldout_loss(model, eval_blocks, cfg.sft_batch_size, device)})
 
     model.train()
-    bar = tqdm(total=cfg.sft_steps, initial=step, desc="SFT", disable=not progress)
+    bar = tqdm(total=cfg.sft_steps, initial=step, desc="SFT", disable=progress_off(progress))
     start_time, tokens = time.perf_counter(), 0
     steps_this_call = 0
     while step < cfg.sft_steps:

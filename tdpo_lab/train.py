@@ -25,11 +25,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from tdpo_lab.config import Config
+from tdpo_lab.config import Config, result_fields
 from tdpo_lab.data import clean_text, collate_preference_batch, collate_sequences, load_imdb, make_prefixes
 from tdpo_lab.evaluate import evaluate_policy
 from tdpo_lab.generation import sample
-from tdpo_lab.importance import align_weights, attention_weights, gradient_importance
+from tdpo_lab.importance import (
+    JUDGE_TEMPLATE,
+    SINK_MIN_LENGTH,
+    align_weights,
+    attention_weights,
+    gradient_importance,
+)
 from tdpo_lab.logprobs import token_stats
 from tdpo_lab.losses import left_align, preference_loss, triplet_loss
 from tdpo_lab.models import load_model
@@ -37,7 +43,7 @@ from tdpo_lab.pairs import build_pairs, pairs_key, split_pairs
 from tdpo_lab.reward import get_reward
 from tdpo_lab.runs import RunDir, read_jsonl_tolerant, write_env
 from tdpo_lab.sft import load_reference, sft_key, train_sft
-from tdpo_lab.utils import atomic_path, select_device, set_threads, write_json
+from tdpo_lab.utils import atomic_path, progress_off, select_device, set_threads, write_json
 
 EVAL_PROMPT_SEED = 1234  # the held-out prefixes are the same for every run, so runs are comparable
 TRAIN_FIELDS = ("method", "beta", "alpha", "gamma", "lam", "sigma_div", "triplet_margin", "importance_span",
@@ -65,14 +71,15 @@ def attnpo_weights(cfg: Config, pairs: pd.DataFrame, *, progress: bool = True) -
 
     Returns one ``(w_chosen, w_rejected)`` per row of ``build_pairs(cfg)``, indexed by ``pair_id``.
     """
-    key = cfg.key("attn_layer", "attn_layer_mean", "attn_fix_sink", extra=pairs_key(cfg))
+    key = cfg.key("attn_layer", "attn_layer_mean", "attn_fix_sink",
+                  extra=[pairs_key(cfg), JUDGE_TEMPLATE, SINK_MIN_LENGTH])
     path = cfg.cache_path / "attnpo" / f"{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
     judge, tokenizer = load_reference(cfg, attn_implementation="eager", progress=progress)
     weights = []
     rows = pairs[["prompt", "chosen", "rejected"]].itertuples(index=False)
-    for prompt, chosen, rejected in tqdm(rows, total=len(pairs), desc="AttentionPO weights", disable=not progress):
+    for prompt, chosen, rejected in tqdm(rows, total=len(pairs), desc="AttentionPO weights", disable=progress_off(progress)):
         w_c, w_r = attention_weights(judge, tokenizer, prompt, chosen, rejected, layer=cfg.attn_layer,
                                      fix_sink=cfg.attn_fix_sink, layer_mean=cfg.attn_layer_mean)
         weights.append((w_c.float(), w_r.float()))
@@ -152,8 +159,8 @@ def compute_loss(policy, reference, tokenizer, rows: pd.DataFrame, cfg: Config, 
 def _check_or_write_config(run_dir: Path, cfg: Config) -> None:
     path = run_dir / "config.json"
     if path.exists():
-        saved = json.loads(path.read_text())
-        diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v and k != "num_threads"}
+        saved, wanted = result_fields(json.loads(path.read_text())), result_fields(cfg.to_dict())
+        diff = {k: (saved.get(k), wanted.get(k)) for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k)}
         if diff:
             raise RunConfigMismatch(
                 f"{run_dir} already holds a run with a different configuration {diff} (saved, requested); "
@@ -238,7 +245,7 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
         run.eval_path.unlink(missing_ok=True)
         run.log_eval(0, reference_evaluation(cfg, reference, tokenizer, reward, prompts, heldout), cfg)
 
-    bar = tqdm(total=cfg.train_steps, initial=step, desc=f"{cfg.method} beta={cfg.beta:g}", disable=not progress)
+    bar = tqdm(total=cfg.train_steps, initial=step, desc=f"{cfg.method} beta={cfg.beta:g}", disable=progress_off(progress))
     done_this_call = 0
     while step < cfg.train_steps:
         if stop_after is not None and done_this_call >= stop_after:

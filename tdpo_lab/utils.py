@@ -102,3 +102,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def progress_off(progress: bool = True) -> bool:
+    """tqdm's ``disable`` for a call with ``progress``: off when asked, or when ``TQDM_DISABLE`` is set (CI).
+
+    An explicit ``disable=False`` would override tqdm's own reading of ``TQDM_DISABLE``, hence this helper.
+    """
+    return (not progress) or os.environ.get("TQDM_DISABLE", "").strip().lower() in {"1", "true", "yes"}
