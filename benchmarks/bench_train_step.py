@@ -41,12 +41,14 @@ def synthetic_pairs(tokenizer, cfg, n: int) -> pd.DataFrame:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][8 : 8 + cfg.max_new_tokens]
         return tokenizer.decode(ids)
 
-    return pd.DataFrame({
-        "prompt": prompts,
-        "chosen": [continuation(t) for t in texts[:n]],
-        "rejected": [continuation(t) for t in texts[n:]],
-        "pair_id": np.arange(n),
-    })
+    return pd.DataFrame(
+        {
+            "prompt": prompts,
+            "chosen": [continuation(t) for t in texts[:n]],
+            "rejected": [continuation(t) for t in texts[n:]],
+            "pair_id": np.arange(n),
+        }
+    )
 
 
 def main() -> None:
@@ -77,7 +79,9 @@ def main() -> None:
         for method in METHODS:
             mcfg = cfg.replace(method=method)
             started = time.perf_counter()
-            loss, _ = compute_loss(policy, reference, tokenizer, rows, mcfg, step_seed=step, attn_weights=attn)
+            loss, _ = compute_loss(
+                policy, reference, tokenizer, rows, mcfg, step_seed=step, attn_weights=attn
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -86,8 +90,10 @@ def main() -> None:
                 times[method].append(time.perf_counter() - started)
 
     base = statistics.median(times["dpo"])
-    print(f"tiny profile: {cfg.n_layer} layers x {cfg.n_embd} wide, vocab {len(tokenizer)}, "
-          f"{args.batch_size} pairs per step, {args.steps} timed steps, torch threads {args.threads}\n")
+    print(
+        f"tiny profile: {cfg.n_layer} layers x {cfg.n_embd} wide, vocab {len(tokenizer)}, "
+        f"{args.batch_size} pairs per step, {args.steps} timed steps, torch threads {args.threads}\n"
+    )
     print("| method | s / step (median) | x DPO | target |")
     print("|---|---|---|---|")
     for method in METHODS:

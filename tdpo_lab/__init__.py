@@ -7,4 +7,12 @@ from tdpo_lab.config import METHODS, Config, ConfigError, load_config
 from tdpo_lab.utils import seed_everything, select_device
 
 __version__ = "0.1.0"
-__all__ = ["METHODS", "Config", "ConfigError", "load_config", "seed_everything", "select_device", "__version__"]
+__all__ = [
+    "METHODS",
+    "Config",
+    "ConfigError",
+    "load_config",
+    "seed_everything",
+    "select_device",
+    "__version__",
+]

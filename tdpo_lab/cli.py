@@ -67,7 +67,9 @@ def build_config(args: argparse.Namespace, **extra) -> Config:
     overrides.update(extra)
     fast = True if getattr(args, "fast", False) else None
     if getattr(args, "config", None):
-        return config_from_file(args.config, profile=args.profile, **({"fast": fast} if fast else {}), **overrides)
+        return config_from_file(
+            args.config, profile=args.profile, **({"fast": fast} if fast else {}), **overrides
+        )
     return load_config(args.profile, fast=fast, **overrides)
 
 
@@ -162,11 +164,17 @@ def _sweep_notebook(args: argparse.Namespace) -> int:
     for i, params in enumerate(points, 1):
         unknown = sorted(set(params) - set(declared))
         if unknown:
-            raise ConfigError(f"grid parameter(s) {unknown} are not in the parameters cell of {notebook} "
-                              f"(it has {sorted(declared)})")
+            raise ConfigError(
+                f"grid parameter(s) {unknown} are not in the parameters cell of {notebook} "
+                f"(it has {sorted(declared)})"
+            )
         name = "_".join(f"{k}{v}" for k, v in params.items()) or "default"
         point_dir = root / name
-        extra = {"run_dir": str(point_dir / "run"), "profile": args.profile, **({"fast": True} if args.fast else {})}
+        extra = {
+            "run_dir": str(point_dir / "run"),
+            "profile": args.profile,
+            **({"fast": True} if args.fast else {}),
+        }
         params = {**{k: v for k, v in extra.items() if k in declared}, **params}
         done = point_dir / "run" / "policy" / "config.json"
         if done.exists():
@@ -175,8 +183,13 @@ def _sweep_notebook(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(points)}] {name}", flush=True)
         point_dir.mkdir(parents=True, exist_ok=True)
         try:
-            pm.execute_notebook(str(notebook), str(point_dir / notebook.name), parameters=params,
-                                progress_bar=not args.quiet, kernel_name="python3")
+            pm.execute_notebook(
+                str(notebook),
+                str(point_dir / notebook.name),
+                parameters=params,
+                progress_bar=not args.quiet,
+                kernel_name="python3",
+            )
         except Exception as exc:
             failures.append((name, exc))
             print(f"FAILED {name}: {_papermill_message(exc)}", file=sys.stderr)
@@ -224,8 +237,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     source = Path(args.notebooks) if args.notebooks else notebooks_dir()
     chapters = NOTEBOOKS if not args.notebooks else tuple(sorted(p.name for p in source.glob("*.ipynb")))
     names = [n for n in chapters if not args.only or any(n.startswith(p) for p in args.only.split(","))]
-    params = {"profile": args.profile, "fast": bool(args.fast), "run_root": str(out / "runs"),
-              "figures_dir": str(out / "figures")}
+    params = {
+        "profile": args.profile,
+        "fast": bool(args.fast),
+        "run_root": str(out / "runs"),
+        "figures_dir": str(out / "figures"),
+    }
     for name in tqdm(names, desc="notebooks", disable=progress_off(not args.quiet)):
         path = source / name
         if not path.exists():
@@ -234,16 +251,27 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         given = {k: v for k, v in params.items() if k in declared}
         tqdm.write(f"running {name} -> {out / name}")
         try:
-            pm.execute_notebook(str(path), str(out / name), parameters=given, progress_bar=False,
-                                kernel_name="python3", cwd=str(out))
+            pm.execute_notebook(
+                str(path),
+                str(out / name),
+                parameters=given,
+                progress_bar=False,
+                kernel_name="python3",
+                cwd=str(out),
+            )
         except Exception as exc:
-            print(f"\nreproduce stopped: {name} failed in {_papermill_message(exc)}\n"
-                  f"open {out / name} to see the traceback; fix it and run the same command again "
-                  "(finished stages are cached and are not redone)", file=sys.stderr)
+            print(
+                f"\nreproduce stopped: {name} failed in {_papermill_message(exc)}\n"
+                f"open {out / name} to see the traceback; fix it and run the same command again "
+                "(finished stages are cached and are not redone)",
+                file=sys.stderr,
+            )
             return 1
     if (out / "runs").is_dir():
         report = write_results(out / "runs", out)
-        print(f"executed notebooks: {out}\nresults table: {report}\nfigures: {out}/frontier.png, {out}/seqkl.png")
+        print(
+            f"executed notebooks: {out}\nresults table: {report}\nfigures: {out}/frontier.png, {out}/seqkl.png"
+        )
     return 0
 
 
@@ -255,7 +283,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 # --- parser -------------------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="tiny", choices=PROFILES, help="tiny (offline default) or gpt2 (hub, GPU)")
+    p.add_argument(
+        "--profile", default="tiny", choices=PROFILES, help="tiny (offline default) or gpt2 (hub, GPU)"
+    )
     p.add_argument("--fast", action="store_true", help="shrink every size (as TDPO_LAB_FAST=1)")
     p.add_argument("--config", help="a recipe file (YAML) of config keys")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
@@ -275,7 +305,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<method>_beta<b>[_alpha<a>]_seed<s>)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("sweep", help="a grid of methods x betas (x alphas) x seeds, or a notebook over a grid")
+    p = sub.add_parser(
+        "sweep", help="a grid of methods x betas (x alphas) x seeds, or a notebook over a grid"
+    )
     _common(p)
     p.add_argument("--methods", default="dpo,tdpo1,tdpo2,attnpo,tidpo")
     p.add_argument("--betas", default="0.1")

@@ -196,8 +196,20 @@ FAST_OVERRIDES: dict[str, object] = {
 # not in its folder name, not in the check that a resumed run has the same config, not in result groups.
 METHOD_KNOBS: dict[str, tuple[str, ...]] = {
     "alpha": ("tdpo2", "tidpo"),  # TDPO1's KL term has no alpha
-    **{k: ("tidpo",) for k in ("gamma", "lam", "sigma_div", "triplet_margin", "importance_span",
-                               "anchor_max_new_tokens", "anchor_temperature", "anchor_top_k", "anchor_top_p")},
+    **{
+        k: ("tidpo",)
+        for k in (
+            "gamma",
+            "lam",
+            "sigma_div",
+            "triplet_margin",
+            "importance_span",
+            "anchor_max_new_tokens",
+            "anchor_temperature",
+            "anchor_top_k",
+            "anchor_top_p",
+        )
+    },
     **{k: ("attnpo",) for k in ("attn_layer", "attn_layer_mean", "attn_fix_sink")},
 }
 # Fields that change how fast a run goes, never what it computes.
@@ -208,7 +220,8 @@ def result_fields(config: dict) -> dict:
     """The fields of a config (as a dict) that can change a run's results under its method."""
     method = config.get("method")
     return {
-        k: v for k, v in config.items()
+        k: v
+        for k, v in config.items()
         if k not in RUNTIME_FIELDS and (k not in METHOD_KNOBS or method in METHOD_KNOBS[k])
     }
 
@@ -232,7 +245,9 @@ def load_config(profile: str = "tiny", *, fast: bool | None = None, **overrides)
     if fast is None:
         fast = fast_from_env()
     if not isinstance(fast, bool):
-        raise ConfigError(f"config key 'fast' must be of type bool (or None), got {type(fast).__name__} {fast!r}")
+        raise ConfigError(
+            f"config key 'fast' must be of type bool (or None), got {type(fast).__name__} {fast!r}"
+        )
     values: dict = {"profile": profile, "fast": fast}
     values.update(PROFILE_DEFAULTS[profile])
     if fast:
@@ -268,7 +283,9 @@ def _check_keys(overrides: dict) -> None:
         for key in unknown:
             close = difflib.get_close_matches(key, _FIELDS, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"unknown config key {', '.join(hints)}; valid keys are listed in tdpo_lab.config.Config")
+        raise ConfigError(
+            f"unknown config key {', '.join(hints)}; valid keys are listed in tdpo_lab.config.Config"
+        )
 
 
 def _type_ok(value: object, annotation: str) -> bool:
@@ -300,7 +317,11 @@ def _validate(cfg: Config) -> None:
         (cfg.gamma >= 0, "gamma", ">= 0"),
         (0.0 <= cfg.lam <= 1.0, "lam", "in [0, 1]"),
         (cfg.sigma_div > 0, "sigma_div", "> 0"),
-        (1 <= cfg.prefix_min_tokens <= cfg.prefix_max_tokens, "prefix_min_tokens", "1 <= min <= prefix_max_tokens"),
+        (
+            1 <= cfg.prefix_min_tokens <= cfg.prefix_max_tokens,
+            "prefix_min_tokens",
+            "1 <= min <= prefix_max_tokens",
+        ),
         (cfg.samples_per_prompt >= 2, "samples_per_prompt", ">= 2 (pairs need two samples)"),
         (cfg.num_threads >= 0, "num_threads", ">= 0 (0 = torch default)"),
         (cfg.min_reward_gap >= 0, "min_reward_gap", ">= 0"),
@@ -308,16 +329,34 @@ def _validate(cfg: Config) -> None:
         (cfg.chunk_size >= 0, "chunk_size", ">= 0 (0 = automatic)"),
     ]
     positive = [
-        "n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "sft_batch_size", "sft_block_size",
-        "pair_prompts", "max_new_tokens", "batch_size", "eval_prompts", "eval_samples",
-        "eval_max_new_tokens", "eval_every", "checkpoint_every", "sft_eval_every", "sft_checkpoint_every",
-        "sample_batch_size", "reward_batch_size", "anchor_max_new_tokens",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "n_positions",
+        "vocab_size",
+        "sft_batch_size",
+        "sft_block_size",
+        "pair_prompts",
+        "max_new_tokens",
+        "batch_size",
+        "eval_prompts",
+        "eval_samples",
+        "eval_max_new_tokens",
+        "eval_every",
+        "checkpoint_every",
+        "sft_eval_every",
+        "sft_checkpoint_every",
+        "sample_batch_size",
+        "reward_batch_size",
+        "anchor_max_new_tokens",
     ]
     checks += [(getattr(cfg, name) > 0, name, "> 0") for name in positive]
-    checks += [(getattr(cfg, n) >= 0, n, ">= 0") for n in ("sft_steps", "train_steps", "warmup_steps", "lr", "sft_lr")]
+    checks += [
+        (getattr(cfg, n) >= 0, n, ">= 0")
+        for n in ("sft_steps", "train_steps", "warmup_steps", "lr", "sft_lr")
+    ]
     for ok, name, what in checks:
         if not ok:
             raise ConfigError(f"config key {name!r} must be {what}, got {getattr(cfg, name)!r}")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"config key 'n_embd' ({cfg.n_embd}) must be divisible by 'n_head' ({cfg.n_head})")
-

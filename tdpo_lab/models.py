@@ -88,6 +88,7 @@ def load_model(name_or_path: str | os.PathLike, *, attn_implementation: str | No
     hub is only asked when the name is not cached and a quick probe says it is reachable.
     """
     from transformers import AutoModelForCausalLM
+
     kwargs: dict = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

@@ -22,8 +22,16 @@ from tdpo_lab.reward import get_reward
 from tdpo_lab.utils import atomic_path, seed_everything, set_threads
 
 PAIR_COLUMNS = ["prompt_id", "prompt", "chosen", "rejected", "reward_chosen", "reward_rejected"]
-PAIR_FIELDS = ("seed", "pair_prompts", "samples_per_prompt", "max_new_tokens", "min_reward_gap", "reward",
-               "prefix_min_tokens", "prefix_max_tokens")
+PAIR_FIELDS = (
+    "seed",
+    "pair_prompts",
+    "samples_per_prompt",
+    "max_new_tokens",
+    "min_reward_gap",
+    "reward",
+    "prefix_min_tokens",
+    "prefix_max_tokens",
+)
 
 
 class InvertedPairError(AssertionError):
@@ -34,7 +42,9 @@ def assert_no_inverted(df: pd.DataFrame) -> None:
     """Fail loudly if any pair has reward_chosen < reward_rejected (a public reproduction got this backwards)."""
     missing = {"reward_chosen", "reward_rejected"} - set(df.columns)
     if missing:
-        raise KeyError(f"pair table lacks column(s) {sorted(missing)}; build it with tdpo_lab.pairs.build_pairs")
+        raise KeyError(
+            f"pair table lacks column(s) {sorted(missing)}; build it with tdpo_lab.pairs.build_pairs"
+        )
     bad = df.index[df["reward_chosen"] < df["reward_rejected"]]
     if len(bad):
         raise InvertedPairError(
@@ -43,7 +53,9 @@ def assert_no_inverted(df: pd.DataFrame) -> None:
         )
 
 
-def rank_pairs(prompts: list[str], samples: list[list[str]], rewards: np.ndarray, *, min_gap: float = 0.0) -> pd.DataFrame:
+def rank_pairs(
+    prompts: list[str], samples: list[list[str]], rewards: np.ndarray, *, min_gap: float = 0.0
+) -> pd.DataFrame:
     """All ranked pairs per prompt: ``rewards`` is ``[num_prompts, K]``; ties and gaps below ``min_gap`` dropped.
 
     Empty continuations (a sample that stopped at once) cannot be trained on and take part in no pair.
@@ -91,18 +103,30 @@ def build_pairs(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
     train = load_imdb("train", cfg.data_path or None)
     order = np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.pair_prompts]
     texts = [clean_text(train[int(i)]["text"]) for i in order]
-    prompts = make_prefixes(texts, tokenizer, min_tokens=cfg.prefix_min_tokens, max_tokens=cfg.prefix_max_tokens,
-                            seed=cfg.seed)
+    prompts = make_prefixes(
+        texts, tokenizer, min_tokens=cfg.prefix_min_tokens, max_tokens=cfg.prefix_max_tokens, seed=cfg.seed
+    )
     seed_everything(cfg.seed)
-    samples = sample(model, tokenizer, prompts, num_samples=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                     batch_size=cfg.sample_batch_size, seed=cfg.seed, progress=progress)
+    samples = sample(
+        model,
+        tokenizer,
+        prompts,
+        num_samples=cfg.samples_per_prompt,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.sample_batch_size,
+        seed=cfg.seed,
+        progress=progress,
+    )
     reward = get_reward(cfg)
     flat = [p + s for p, group in zip(prompts, samples, strict=True) for s in group]
     rewards = reward.score(flat).reshape(len(prompts), cfg.samples_per_prompt)
     df = rank_pairs(prompts, samples, rewards, min_gap=cfg.min_reward_gap)
     sample_rows = pd.DataFrame(
-        [(pid, p, s, float(rewards[pid, k])) for pid, (p, group) in enumerate(zip(prompts, samples, strict=True))
-         for k, s in enumerate(group)],
+        [
+            (pid, p, s, float(rewards[pid, k]))
+            for pid, (p, group) in enumerate(zip(prompts, samples, strict=True))
+            for k, s in enumerate(group)
+        ],
         columns=["prompt_id", "prompt", "text", "reward"],
     )
     with atomic_path(path.with_suffix(".samples.parquet")) as tmp:

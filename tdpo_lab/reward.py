@@ -270,7 +270,9 @@ def get_reward(cfg) -> RewardModel:
 
 
 @functools.lru_cache(maxsize=4)
-def _reward_for(kind: str, data_path: str | None, cache_dir: str, device: str, batch_size: int) -> RewardModel:
+def _reward_for(
+    kind: str, data_path: str | None, cache_dir: str, device: str, batch_size: int
+) -> RewardModel:
     return load_reward(
         kind,
         data_path=data_path,

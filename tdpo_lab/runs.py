@@ -651,8 +651,6 @@ def save_figure(fig, figures_dir: str | os.PathLike | None, name: str) -> Path |
     return path
 
 
-
-
 def run_name(cfg) -> str:
     """A run's folder name: method, its conservativeness knobs, seed, and a short key of the rest.
 
@@ -670,7 +668,9 @@ def default_run_root(cfg) -> Path:
     return cfg.cache_path / "runs" / f"{cfg.profile}{'-fast' if cfg.fast else ''}"
 
 
-def resolve_run_dir(cfg, run_dir: str | os.PathLike | None = None, run_root: str | os.PathLike | None = None) -> Path:
+def resolve_run_dir(
+    cfg, run_dir: str | os.PathLike | None = None, run_root: str | os.PathLike | None = None
+) -> Path:
     """``run_dir`` if given, else ``<run_root or default_run_root(cfg)>/<run_name(cfg)>``."""
     if run_dir:
         return Path(run_dir)

@@ -35,8 +35,22 @@ from tdpo_lab.utils import (
 
 # Everything the SFT model depends on; changing any of these trains a new model.
 SFT_FIELDS = (
-    "profile", "seed", "data_path", "max_train_reviews", "tokenizer", "vocab_size", "model", "n_layer", "n_head",
-    "n_embd", "n_positions", "sft_steps", "sft_batch_size", "sft_block_size", "sft_lr", "sft_warmup_steps",
+    "profile",
+    "seed",
+    "data_path",
+    "max_train_reviews",
+    "tokenizer",
+    "vocab_size",
+    "model",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_positions",
+    "sft_steps",
+    "sft_batch_size",
+    "sft_block_size",
+    "sft_lr",
+    "sft_warmup_steps",
     "sft_weight_decay",
 )
 
@@ -60,7 +74,9 @@ def pack_blocks(token_lists: list[list[int]], eos_id: int, block_size: int) -> t
     stream = [tok for ids in token_lists for tok in (*ids, eos_id)]
     num_blocks = len(stream) // block_size
     if num_blocks == 0:
-        raise ValueError(f"not enough text for one block of {block_size} tokens ({len(stream)} tokens in all)")
+        raise ValueError(
+            f"not enough text for one block of {block_size} tokens ({len(stream)} tokens in all)"
+        )
     return torch.tensor(stream[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
 
 
@@ -149,7 +165,10 @@ def train_sft(cfg: Config, *, progress: bool = True, stop_after: int | None = No
         print(f"SFT: resuming from step {step} of {cfg.sft_steps} ({ckpt_path})")
     else:
         history_path.unlink(missing_ok=True)
-        append_jsonl(history_path, {"step": 0, "eval_loss": heldout_loss(model, eval_blocks, cfg.sft_batch_size, device)})
+        append_jsonl(
+            history_path,
+            {"step": 0, "eval_loss": heldout_loss(model, eval_blocks, cfg.sft_batch_size, device)},
+        )
 
     model.train()
     bar = tqdm(total=cfg.sft_steps, initial=step, desc="SFT", disable=progress_off(progress))
@@ -174,7 +193,9 @@ def train_sft(cfg: Config, *, progress: bool = True, stop_after: int | None = No
             record["eval_loss"] = heldout_loss(model, eval_blocks, cfg.sft_batch_size, device)
         append_jsonl(history_path, record)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tokens / (time.perf_counter() - start_time):.0f}")
+        bar.set_postfix(
+            loss=f"{record['train_loss']:.3f}", tok_s=f"{tokens / (time.perf_counter() - start_time):.0f}"
+        )
         if step % cfg.sft_checkpoint_every == 0 and step < cfg.sft_steps:
             _save_checkpoint(ckpt_path, model, optimizer, scheduler, step)
     bar.close()

@@ -46,10 +46,29 @@ from tdpo_lab.sft import load_reference, sft_key, train_sft
 from tdpo_lab.utils import atomic_path, progress_off, select_device, set_threads, write_json
 
 EVAL_PROMPT_SEED = 1234  # the held-out prefixes are the same for every run, so runs are comparable
-TRAIN_FIELDS = ("method", "beta", "alpha", "gamma", "lam", "sigma_div", "triplet_margin", "importance_span",
-                "anchor_max_new_tokens", "anchor_temperature", "anchor_top_k", "anchor_top_p", "attn_layer",
-                "attn_layer_mean", "attn_fix_sink", "train_steps", "batch_size", "lr", "warmup_steps",
-                "max_grad_norm", "weight_decay")
+TRAIN_FIELDS = (
+    "method",
+    "beta",
+    "alpha",
+    "gamma",
+    "lam",
+    "sigma_div",
+    "triplet_margin",
+    "importance_span",
+    "anchor_max_new_tokens",
+    "anchor_temperature",
+    "anchor_top_k",
+    "anchor_top_p",
+    "attn_layer",
+    "attn_layer_mean",
+    "attn_fix_sink",
+    "train_steps",
+    "batch_size",
+    "lr",
+    "warmup_steps",
+    "max_grad_norm",
+    "weight_decay",
+)
 
 
 class RunConfigMismatch(ValueError):
@@ -62,26 +81,47 @@ def evaluation_prompts(cfg: Config, tokenizer) -> list[str]:
     test = load_imdb("test", cfg.data_path or None)
     order = np.random.default_rng(EVAL_PROMPT_SEED).permutation(len(test))[: cfg.eval_prompts]
     texts = [clean_text(test[int(i)]["text"]) for i in order]
-    return make_prefixes(texts, tokenizer, min_tokens=cfg.prefix_min_tokens, max_tokens=cfg.prefix_max_tokens,
-                         seed=EVAL_PROMPT_SEED)
+    return make_prefixes(
+        texts,
+        tokenizer,
+        min_tokens=cfg.prefix_min_tokens,
+        max_tokens=cfg.prefix_max_tokens,
+        seed=EVAL_PROMPT_SEED,
+    )
 
 
-def attnpo_weights(cfg: Config, pairs: pd.DataFrame, *, progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def attnpo_weights(
+    cfg: Config, pairs: pd.DataFrame, *, progress: bool = True
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """AttentionPO weights of every pair of the cached pair table, computed once with pi_ref (cached).
 
     Returns one ``(w_chosen, w_rejected)`` per row of ``build_pairs(cfg)``, indexed by ``pair_id``.
     """
-    key = cfg.key("attn_layer", "attn_layer_mean", "attn_fix_sink",
-                  extra=[pairs_key(cfg), JUDGE_TEMPLATE, SINK_MIN_LENGTH])
+    key = cfg.key(
+        "attn_layer",
+        "attn_layer_mean",
+        "attn_fix_sink",
+        extra=[pairs_key(cfg), JUDGE_TEMPLATE, SINK_MIN_LENGTH],
+    )
     path = cfg.cache_path / "attnpo" / f"{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
     judge, tokenizer = load_reference(cfg, attn_implementation="eager", progress=progress)
     weights = []
     rows = pairs[["prompt", "chosen", "rejected"]].itertuples(index=False)
-    for prompt, chosen, rejected in tqdm(rows, total=len(pairs), desc="AttentionPO weights", disable=progress_off(progress)):
-        w_c, w_r = attention_weights(judge, tokenizer, prompt, chosen, rejected, layer=cfg.attn_layer,
-                                     fix_sink=cfg.attn_fix_sink, layer_mean=cfg.attn_layer_mean)
+    for prompt, chosen, rejected in tqdm(
+        rows, total=len(pairs), desc="AttentionPO weights", disable=progress_off(progress)
+    ):
+        w_c, w_r = attention_weights(
+            judge,
+            tokenizer,
+            prompt,
+            chosen,
+            rejected,
+            layer=cfg.attn_layer,
+            fix_sink=cfg.attn_fix_sink,
+            layer_mean=cfg.attn_layer_mean,
+        )
         weights.append((w_c.float(), w_r.float()))
     with atomic_path(path) as tmp:
         torch.save(weights, tmp)
@@ -90,17 +130,30 @@ def attnpo_weights(cfg: Config, pairs: pd.DataFrame, *, progress: bool = True) -
 
 # --- one step ----------------------------------------------------------------------------------------
 def _logits(model, batch: dict, device: torch.device) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    return model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).logits
 
 
-def triplet_term(policy, reference, tokenizer, prompts: list[str], stats, cfg: Config, step_seed: int, device):
+def triplet_term(
+    policy, reference, tokenizer, prompts: list[str], stats, cfg: Config, step_seed: int, device
+):
     """TI-DPO's triplet loss (METHODS section 4): anchor sampled from the policy, features = log-ratios.
 
     Returns (loss, number of pairs skipped because the anchor came back empty).
     """
-    anchors = sample(policy, tokenizer, prompts, num_samples=1, max_new_tokens=cfg.anchor_max_new_tokens,
-                     temperature=cfg.anchor_temperature, top_k=cfg.anchor_top_k, top_p=cfg.anchor_top_p,
-                     batch_size=len(prompts), seed=step_seed)
+    anchors = sample(
+        policy,
+        tokenizer,
+        prompts,
+        num_samples=1,
+        max_new_tokens=cfg.anchor_max_new_tokens,
+        temperature=cfg.anchor_temperature,
+        top_k=cfg.anchor_top_k,
+        top_p=cfg.anchor_top_p,
+        batch_size=len(prompts),
+        seed=step_seed,
+    )
     anchors = [group[0] for group in anchors]
     keep = [i for i, text in enumerate(anchors) if text.strip()]
     skipped = len(prompts) - len(keep)
@@ -118,16 +171,26 @@ def triplet_term(policy, reference, tokenizer, prompts: list[str], stats, cfg: C
     return triplet_loss(a, a_mask, w, w_mask, lo, lo_mask, margin=cfg.triplet_margin), skipped
 
 
-def compute_loss(policy, reference, tokenizer, rows: pd.DataFrame, cfg: Config, *, step_seed: int = 0,
-                 attn_weights: list | None = None, device: torch.device | None = None):
+def compute_loss(
+    policy,
+    reference,
+    tokenizer,
+    rows: pd.DataFrame,
+    cfg: Config,
+    *,
+    step_seed: int = 0,
+    attn_weights: list | None = None,
+    device: torch.device | None = None,
+):
     """The loss of one batch of pairs for ``cfg.method``; returns (loss tensor, metrics dict).
 
     ``rows`` holds ``prompt, chosen, rejected`` (and ``pair_id`` for AttentionPO, indexing ``attn_weights``).
     """
     device = device or next(policy.parameters()).device
     prompts = list(rows["prompt"])
-    batch = collate_preference_batch(tokenizer, prompts, list(rows["chosen"]), list(rows["rejected"]),
-                                     max_length=cfg.n_positions)
+    batch = collate_preference_batch(
+        tokenizer, prompts, list(rows["chosen"]), list(rows["rejected"]), max_length=cfg.n_positions
+    )
     labels = batch["labels"].to(device)
     weights = None
     if cfg.method == "attnpo":
@@ -137,9 +200,17 @@ def compute_loss(policy, reference, tokenizer, rows: pd.DataFrame, cfg: Config, 
         rejected_w = [attn_weights[i][1] for i in rows["pair_id"]]
         weights = align_weights(batch, chosen_w, rejected_w).to(device)
     elif cfg.method == "tidpo":
-        span = labels != -100 if cfg.importance_span == "response" else batch["attention_mask"].bool().to(device)
-        token_w = gradient_importance(policy, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                      span, lam=cfg.lam, sigma_div=cfg.sigma_div)
+        span = (
+            labels != -100 if cfg.importance_span == "response" else batch["attention_mask"].bool().to(device)
+        )
+        token_w = gradient_importance(
+            policy,
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            span,
+            lam=cfg.lam,
+            sigma_div=cfg.sigma_div,
+        )
         weights = token_w[:, 1:]  # the weight of token t sits at shifted-label position t - 1
     with torch.no_grad():
         ref_logits = _logits(reference, batch, device)
@@ -160,7 +231,11 @@ def _check_or_write_config(run_dir: Path, cfg: Config) -> None:
     path = run_dir / "config.json"
     if path.exists():
         saved, wanted = result_fields(json.loads(path.read_text())), result_fields(cfg.to_dict())
-        diff = {k: (saved.get(k), wanted.get(k)) for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k)}
+        diff = {
+            k: (saved.get(k), wanted.get(k))
+            for k in saved.keys() | wanted.keys()
+            if saved.get(k) != wanted.get(k)
+        }
         if diff:
             raise RunConfigMismatch(
                 f"{run_dir} already holds a run with a different configuration {diff} (saved, requested); "
@@ -185,12 +260,22 @@ def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
 
 def reference_evaluation(cfg: Config, reference, tokenizer, reward, prompts, heldout) -> dict:
     """Evaluation of pi_ref itself (step 0 of every run), cached: it is the same for every method."""
-    key = cfg.key("seed", "eval_prompts", "eval_samples", "eval_max_new_tokens", "eval_topk", "eval_pairs",
-                  "reward", extra=[sft_key(cfg), pairs_key(cfg)])
+    key = cfg.key(
+        "seed",
+        "eval_prompts",
+        "eval_samples",
+        "eval_max_new_tokens",
+        "eval_topk",
+        "eval_pairs",
+        "reward",
+        extra=[sft_key(cfg), pairs_key(cfg)],
+    )
     path = cfg.cache_path / "eval_ref" / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    result = evaluate_policy(reference, reference, tokenizer, reward, prompts, cfg, pairs=heldout, seed=cfg.seed)
+    result = evaluate_policy(
+        reference, reference, tokenizer, reward, prompts, cfg, pairs=heldout, seed=cfg.seed
+    )
     write_json(path, result)
     return result
 
@@ -245,7 +330,12 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
         run.eval_path.unlink(missing_ok=True)
         run.log_eval(0, reference_evaluation(cfg, reference, tokenizer, reward, prompts, heldout), cfg)
 
-    bar = tqdm(total=cfg.train_steps, initial=step, desc=f"{cfg.method} beta={cfg.beta:g}", disable=progress_off(progress))
+    bar = tqdm(
+        total=cfg.train_steps,
+        initial=step,
+        desc=f"{cfg.method} beta={cfg.beta:g}",
+        disable=progress_off(progress),
+    )
     done_this_call = 0
     while step < cfg.train_steps:
         if stop_after is not None and done_this_call >= stop_after:
@@ -253,8 +343,16 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
             return run.path
         rows = train_pairs.iloc[_batch_rows(len(train_pairs), cfg.batch_size, step, cfg.seed)]
         started = time.perf_counter()
-        loss, metrics = compute_loss(policy, reference, tokenizer, rows, cfg, step_seed=cfg.seed * 1_000_003 + step,
-                                     attn_weights=attn, device=device)
+        loss, metrics = compute_loss(
+            policy,
+            reference,
+            tokenizer,
+            rows,
+            cfg,
+            step_seed=cfg.seed * 1_000_003 + step,
+            attn_weights=attn,
+            device=device,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -262,13 +360,16 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
         scheduler.step()
         step += 1
         done_this_call += 1
-        metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                       seconds=time.perf_counter() - started)
+        metrics.update(
+            lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), seconds=time.perf_counter() - started
+        )
         run.log_metrics(step, metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
         if step % cfg.eval_every == 0 or step == cfg.train_steps:
-            result = evaluate_policy(policy, reference, tokenizer, reward, prompts, cfg, pairs=heldout, seed=cfg.seed)
+            result = evaluate_policy(
+                policy, reference, tokenizer, reward, prompts, cfg, pairs=heldout, seed=cfg.seed
+            )
             run.log_eval(step, result, cfg)
             policy.train()
         if (step % cfg.checkpoint_every == 0 or step % cfg.eval_every == 0) and step < cfg.train_steps:
@@ -282,7 +383,11 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
 
 
 def _save_checkpoint(path: Path, policy, optimizer, scheduler, step: int) -> None:
-    state = {"model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "step": step}
+    state = {
+        "model": policy.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+    }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

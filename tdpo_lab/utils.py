@@ -28,7 +28,9 @@ def select_device(preference: str = "auto") -> torch.device:
     if preference not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {preference!r}")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was requested but no CUDA GPU is visible; use device='auto' or 'cpu'")
+        raise RuntimeError(
+            "device='cuda' was requested but no CUDA GPU is visible; use device='auto' or 'cpu'"
+        )
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(preference)

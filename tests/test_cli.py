@@ -14,10 +14,25 @@ from tdpo_lab.utils import read_jsonl
 pytestmark = pytest.mark.slow
 
 SMALL = [
-    "max_train_reviews=300", "vocab_size=512", "n_layer=1", "n_head=2", "n_embd=32", "n_positions=192",
-    "sft_steps=10", "sft_block_size=48", "pair_prompts=8", "samples_per_prompt=3", "max_new_tokens=8",
-    "train_steps=2", "batch_size=2", "eval_every=1", "eval_prompts=2", "eval_samples=2", "eval_max_new_tokens=6",
-    "eval_pairs=2", "anchor_max_new_tokens=4",
+    "max_train_reviews=300",
+    "vocab_size=512",
+    "n_layer=1",
+    "n_head=2",
+    "n_embd=32",
+    "n_positions=192",
+    "sft_steps=10",
+    "sft_block_size=48",
+    "pair_prompts=8",
+    "samples_per_prompt=3",
+    "max_new_tokens=8",
+    "train_steps=2",
+    "batch_size=2",
+    "eval_every=1",
+    "eval_prompts=2",
+    "eval_samples=2",
+    "eval_max_new_tokens=6",
+    "eval_pairs=2",
+    "anchor_max_new_tokens=4",
 ]
 
 
@@ -29,7 +44,23 @@ def small_args(imdb_path, tmp_path_factory):
 
 
 def test_run_writes_a_run_folder(small_args, tmp_path, capsys):
-    assert main(["run", "--method", "tdpo2", "--beta", "0.2", "--seed", "1", "--out", str(tmp_path / "r"), *small_args]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--method",
+                "tdpo2",
+                "--beta",
+                "0.2",
+                "--seed",
+                "1",
+                "--out",
+                str(tmp_path / "r"),
+                *small_args,
+            ]
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert (config["method"], config["beta"], config["seed"]) == ("tdpo2", 0.2, 1)
     assert [e["step"] for e in read_jsonl(tmp_path / "r" / "eval.jsonl")] == [0, 1, 2]
@@ -42,7 +73,9 @@ def test_unknown_key_and_bad_type_exit_with_the_key_named(small_args, tmp_path, 
     assert exc.value.code == 2
     assert "betta" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["run", "--method", "dpo", "--out", str(tmp_path / "x"), *small_args, "--set", "train_steps=lots"])
+        main(
+            ["run", "--method", "dpo", "--out", str(tmp_path / "x"), *small_args, "--set", "train_steps=lots"]
+        )
     assert "train_steps" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sweep", "--methods", "dpo,ppo", "--out", str(tmp_path / "s"), *small_args])
@@ -51,8 +84,22 @@ def test_unknown_key_and_bad_type_exit_with_the_key_named(small_args, tmp_path, 
 
 def test_sweep_runs_the_grid_and_writes_table_and_figures(small_args, tmp_path):
     root = tmp_path / "sweep"
-    code = main(["sweep", "--methods", "dpo,tdpo2", "--betas", "0.1,0.5", "--alphas", "0.5", "--seeds", "0,1",
-                 "--out", str(root), *small_args])
+    code = main(
+        [
+            "sweep",
+            "--methods",
+            "dpo,tdpo2",
+            "--betas",
+            "0.1,0.5",
+            "--alphas",
+            "0.5",
+            "--seeds",
+            "0,1",
+            "--out",
+            str(root),
+            *small_args,
+        ]
+    )
     assert code == 0
     runs = pd.read_csv(root / "runs.csv")
     assert runs.groupby(["method", "beta", "seed"]).ngroups == 8
@@ -73,8 +120,11 @@ def _toy_notebook(path, body: str) -> None:
 
 def test_notebook_sweep_skips_done_points_and_survives_a_failure(tmp_path, capsys):
     nb = tmp_path / "toy.ipynb"
-    _toy_notebook(nb, "import pathlib\nassert x != 3, 'x must not be 3'\n"
-                      "p = pathlib.Path(run_dir) / 'policy'\np.mkdir(parents=True)\n(p / 'config.json').write_text(str(x))")
+    _toy_notebook(
+        nb,
+        "import pathlib\nassert x != 3, 'x must not be 3'\n"
+        "p = pathlib.Path(run_dir) / 'policy'\np.mkdir(parents=True)\n(p / 'config.json').write_text(str(x))",
+    )
     grid = tmp_path / "grid.yaml"
     grid.write_text("x: [1, 2, 3]\n")
     out = tmp_path / "out"

@@ -15,7 +15,17 @@ import pytest
 from tdpo_lab.cli import NOTEBOOKS
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-TRAINING_PARAMETERS = {"profile", "fast", "beta", "alpha", "seed", "steps", "run_root", "run_dir", "figures_dir"}
+TRAINING_PARAMETERS = {
+    "profile",
+    "fast",
+    "beta",
+    "alpha",
+    "seed",
+    "steps",
+    "run_root",
+    "run_dir",
+    "figures_dir",
+}
 
 
 def _read(name: str):
@@ -53,9 +63,12 @@ def test_papermill_parameters_reach_the_run(tmp_path):
     papermill = pytest.importorskip("papermill")
     run_dir = tmp_path / "run"
     papermill.execute_notebook(
-        str(NOTEBOOK_DIR / "04_dpo_baseline.ipynb"), str(tmp_path / "out.ipynb"),
-        parameters={"beta": 0.2, "seed": 1, "run_dir": str(run_dir), "fast": True}, progress_bar=False,
-        kernel_name="python3", cwd=str(tmp_path),
+        str(NOTEBOOK_DIR / "04_dpo_baseline.ipynb"),
+        str(tmp_path / "out.ipynb"),
+        parameters={"beta": 0.2, "seed": 1, "run_dir": str(run_dir), "fast": True},
+        progress_bar=False,
+        kernel_name="python3",
+        cwd=str(tmp_path),
     )
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["method"], config["beta"], config["seed"], config["fast"]) == ("dpo", 0.2, 1, True)

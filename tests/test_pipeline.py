@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from tdpo_lab.config import ConfigError, load_config
-from tdpo_lab.pairs import InvertedPairError, assert_no_inverted, build_pairs, pairs_path, rank_pairs, split_pairs
+from tdpo_lab.pairs import (
+    InvertedPairError,
+    assert_no_inverted,
+    build_pairs,
+    pairs_path,
+    rank_pairs,
+    split_pairs,
+)
 from tdpo_lab.sft import sft_history, train_sft
 from tdpo_lab.train import RunConfigMismatch, train
 from tdpo_lab.utils import read_jsonl
@@ -18,10 +25,30 @@ pytestmark = pytest.mark.slow
 
 # Smaller still than the fast profile: these tests train several times.
 TINY = dict(
-    max_train_reviews=300, vocab_size=512, n_layer=1, n_head=2, n_embd=32, n_positions=192, sft_steps=20,
-    sft_block_size=48, sft_eval_every=10, sft_checkpoint_every=10, pair_prompts=12, samples_per_prompt=3,
-    max_new_tokens=10, train_steps=6, batch_size=3, eval_every=3, checkpoint_every=2, eval_prompts=4,
-    eval_samples=2, eval_max_new_tokens=8, eval_pairs=3, anchor_max_new_tokens=6, lr=2e-3, warmup_steps=1,
+    max_train_reviews=300,
+    vocab_size=512,
+    n_layer=1,
+    n_head=2,
+    n_embd=32,
+    n_positions=192,
+    sft_steps=20,
+    sft_block_size=48,
+    sft_eval_every=10,
+    sft_checkpoint_every=10,
+    pair_prompts=12,
+    samples_per_prompt=3,
+    max_new_tokens=10,
+    train_steps=6,
+    batch_size=3,
+    eval_every=3,
+    checkpoint_every=2,
+    eval_prompts=4,
+    eval_samples=2,
+    eval_max_new_tokens=8,
+    eval_pairs=3,
+    anchor_max_new_tokens=6,
+    lr=2e-3,
+    warmup_steps=1,
 )
 
 
@@ -94,7 +121,14 @@ def test_training_changes_parameters_and_logs(pipeline_cfg, tmp_path, method):
     run = train(cfg, tmp_path / method, progress=False)
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, cfg.train_steps + 1))
-    for key in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "kl_seq/chosen", "kl_seq/rejected"):
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/margins",
+        "rewards/accuracies",
+        "kl_seq/chosen",
+        "kl_seq/rejected",
+    ):
         assert key in metrics[0], key
     assert abs(metrics[0]["loss"] - (0.6931 if method != "tidpo" else metrics[0]["loss"])) < 1e-3
     evals = read_jsonl(run / "eval.jsonl")
@@ -102,7 +136,9 @@ def test_training_changes_parameters_and_logs(pipeline_cfg, tmp_path, method):
     assert evals[0]["kl_seq"] == pytest.approx(0.0, abs=1e-6)
     before = _state(train_sft(cfg, progress=False))
     after = _state(run / "policy")
-    assert any(not torch.equal(before[k], after[k]) for k in before), "training left every parameter unchanged"
+    assert any(not torch.equal(before[k], after[k]) for k in before), (
+        "training left every parameter unchanged"
+    )
 
 
 def test_dpo_lowers_its_loss(pipeline_cfg, tmp_path):
@@ -129,7 +165,9 @@ def test_same_seed_same_metrics_and_resume_is_exact(pipeline_cfg, tmp_path):
 def test_run_folder_with_other_config_is_refused(pipeline_cfg, tmp_path):
     train(pipeline_cfg.replace(method="dpo", train_steps=1, eval_every=1), tmp_path / "r", progress=False)
     with pytest.raises(RunConfigMismatch, match="different configuration"):
-        train(pipeline_cfg.replace(method="tdpo2", train_steps=1, eval_every=1), tmp_path / "r", progress=False)
+        train(
+            pipeline_cfg.replace(method="tdpo2", train_steps=1, eval_every=1), tmp_path / "r", progress=False
+        )
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["method"] == "dpo"
 
