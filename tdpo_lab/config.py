@@ -105,7 +105,7 @@ class Config:
     chunk_size: int = 0  # rows per chunk in token_stats; 0 = automatic
 
     # --- evaluation ---------------------------------------------------------------------------
-    eval_prompts: int = 128  # held-out test prefixes
+    eval_prompts: int = 64  # held-out test prefixes (x eval_samples samples: 256 on the tiny profile)
     eval_samples: int = 4  # M samples per prefix, pure sampling (temperature 1, no top-k/top-p)
     eval_max_new_tokens: int = 48
     eval_topk: int = 0  # > 0: also report the reward of top-k samples as a secondary number
