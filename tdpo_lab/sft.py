@@ -26,8 +26,10 @@ from tdpo_lab.tokenizer import get_tokenizer
 from tdpo_lab.utils import (
     append_jsonl,
     atomic_path,
+    load_training_state,
     progress_off,
     read_jsonl,
+    save_training_state,
     seed_everything,
     select_device,
     set_threads,
@@ -156,11 +158,7 @@ def train_sft(cfg: Config, *, progress: bool = True, stop_after: int | None = No
     ckpt_path = root / "checkpoint.pt"
     step = 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
+        step = load_training_state(ckpt_path, model, optimizer, scheduler, device)
         _truncate_history(history_path, step)
         print(f"SFT: resuming from step {step} of {cfg.sft_steps} ({ckpt_path})")
     else:
@@ -197,24 +195,13 @@ def train_sft(cfg: Config, *, progress: bool = True, stop_after: int | None = No
             loss=f"{record['train_loss']:.3f}", tok_s=f"{tokens / (time.perf_counter() - start_time):.0f}"
         )
         if step % cfg.sft_checkpoint_every == 0 and step < cfg.sft_steps:
-            _save_checkpoint(ckpt_path, model, optimizer, scheduler, step)
+            save_training_state(ckpt_path, model, optimizer, scheduler, step)
     bar.close()
     with atomic_path(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     ckpt_path.unlink(missing_ok=True)
     return final
-
-
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "step": step,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def _truncate_history(path: Path, step: int) -> None:

@@ -43,32 +43,17 @@ from tdpo_lab.pairs import build_pairs, pairs_key, split_pairs
 from tdpo_lab.reward import get_reward
 from tdpo_lab.runs import RunDir, read_jsonl_tolerant, write_env
 from tdpo_lab.sft import load_reference, sft_key, train_sft
-from tdpo_lab.utils import atomic_path, progress_off, select_device, set_threads, write_json
+from tdpo_lab.utils import (
+    atomic_path,
+    load_training_state,
+    progress_off,
+    save_training_state,
+    select_device,
+    set_threads,
+    write_json,
+)
 
 EVAL_PROMPT_SEED = 1234  # the held-out prefixes are the same for every run, so runs are comparable
-TRAIN_FIELDS = (
-    "method",
-    "beta",
-    "alpha",
-    "gamma",
-    "lam",
-    "sigma_div",
-    "triplet_margin",
-    "importance_span",
-    "anchor_max_new_tokens",
-    "anchor_temperature",
-    "anchor_top_k",
-    "anchor_top_p",
-    "attn_layer",
-    "attn_layer_mean",
-    "attn_fix_sink",
-    "train_steps",
-    "batch_size",
-    "lr",
-    "warmup_steps",
-    "max_grad_norm",
-    "weight_decay",
-)
 
 
 class RunConfigMismatch(ValueError):
@@ -315,11 +300,7 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     step = 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        policy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
+        step = load_training_state(ckpt_path, policy, optimizer, scheduler, device)
         # lines written after the checkpoint (or cut off by the interruption) are redone
         for path in (run.metrics_path, run.eval_path):
             _rewrite_jsonl(path, [r for r in read_jsonl_tolerant(path)[0] if r["step"] <= step])
@@ -373,21 +354,10 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
             run.log_eval(step, result, cfg)
             policy.train()
         if (step % cfg.checkpoint_every == 0 or step % cfg.eval_every == 0) and step < cfg.train_steps:
-            _save_checkpoint(ckpt_path, policy, optimizer, scheduler, step)
+            save_training_state(ckpt_path, policy, optimizer, scheduler, step)
     bar.close()
     with atomic_path(run.path / "policy") as tmp:
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # the finished policy replaces it
     return run.path
-
-
-def _save_checkpoint(path: Path, policy, optimizer, scheduler, step: int) -> None:
-    state = {
-        "model": policy.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "step": step,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)

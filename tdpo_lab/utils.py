@@ -112,3 +112,24 @@ def progress_off(progress: bool = True) -> bool:
     An explicit ``disable=False`` would override tqdm's own reading of ``TQDM_DISABLE``, hence this helper.
     """
     return (not progress) or os.environ.get("TQDM_DISABLE", "").strip().lower() in {"1", "true", "yes"}
+
+
+def save_training_state(path: str | os.PathLike, model, optimizer, scheduler, step: int) -> None:
+    """Checkpoint (model, optimiser, scheduler, step) atomically: a crash mid-write keeps the last one."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_training_state(path: str | os.PathLike, model, optimizer, scheduler, device=None) -> int:
+    """Restore a :func:`save_training_state` checkpoint into the given objects; return its step."""
+    state = torch.load(path, map_location=device, weights_only=False)  # our own file, written above
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])

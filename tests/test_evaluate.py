@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from toy import make_model, make_tokenizer
 
 from tdpo_lab.config import load_config
 from tdpo_lab.evaluate import (
@@ -23,46 +22,7 @@ from tdpo_lab.evaluate import (
 )
 from tdpo_lab.generation import encode_prompts, sample
 
-TEXTS = [
-    "this movie was great and the acting was excellent",
-    "a terrible film, boring and slow from the start",
-    "the plot made no sense but the music was nice",
-    "I loved every scene of it, see it twice",
-] * 5
 PROMPTS = ["this movie", "a terrible film, boring", "I", "the plot made no sense but", ""]
-
-
-def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXTS, trainer)
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, bos_token=eos)
-
-
-def make_model(tokenizer, seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        initializer_range=0.2,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config).eval()
 
 
 class LetterE:

@@ -10,50 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from toy import make_model, make_tokenizer
 
 from tdpo_lab.generation import decode_response, encode_prompts, sample, sample_ids
-
-TEXTS = [
-    "this movie was great and the acting was excellent",
-    "a terrible film, boring and slow from the start",
-    "the plot made no sense but the music was nice",
-    "I loved every scene of it, see it twice",
-] * 5
-
-
-def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXTS, trainer)
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, bos_token=eos)
-
-
-def make_model(tokenizer, seed: int = 0, init_std: float = 0.02, n_positions: int = 64) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=n_positions,
-        initializer_range=init_std,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +23,7 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     torch.set_num_threads(1)
-    return make_model(tok)
+    return make_model(tok, init_std=0.02)
 
 
 PROMPTS = ["this movie", "a terrible film, boring", "I", "the plot made no sense but"]
@@ -170,7 +129,7 @@ def test_empty_prompt_gets_eos_as_bos(model, tok):
 
 
 def test_tokenizer_and_model_state_restored(tok):
-    m = make_model(tok)
+    m = make_model(tok, init_std=0.02)
     m.train()
     tok.padding_side = "right"
     sample(m, tok, PROMPTS, num_samples=1, max_new_tokens=3)
