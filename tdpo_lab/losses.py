@@ -12,9 +12,9 @@ KL(pi_ref || pi_theta), every method is ``-log sigmoid(beta * z)`` with (METHODS
     tidpo   z = sum_t W_t r_t(y_w) - sum_t W_t r_t(y_l) - alpha (SeqKL(y_l) - sg(SeqKL(y_w)))
 
 where u' is the DPO margin (the dpo z) and sg = stop-gradient. Papers: DPO arXiv 2305.18290 (Eq. 7);
-TDPO arXiv 2404.11999 (TDPO_1 and TDPO_2 objectives, section 4); TI-DPO arXiv 2505.19653 (weighted loss
-Eq. 12 is the alpha = 0 case; the official code adds TDPO_2's KL term, which the kit follows; triplet Eq. 13);
-TwDPO / AttentionPO arXiv 2605.21883.
+TDPO arXiv 2404.11999 (the TDPO_1 and TDPO_2 objectives of section 4, Eq. 18 and 20); TI-DPO arXiv
+2505.19653 (weighted loss Eq. 12 is the alpha = 0 case; the official code adds TDPO_2's KL term, which the
+kit follows; triplet Eq. 13); TwDPO / AttentionPO arXiv 2605.21883.
 
 Derived in notebooks/04_dpo_baseline.ipynb (DPO), 05_tdpo.ipynb (TDPO1/2), 06_ti_dpo.ipynb (TI-DPO and the
 triplet loss) and 07_attention_po.ipynb (AttentionPO).
@@ -136,9 +136,9 @@ def preference_loss(
 
     z = chosen - rejected  # u' (DPO Eq. 7 inside the sigmoid, before beta)
     if method == "tdpo1":
-        z = z - (kl_l - kl_w)  # TDPO_1: -log sigma(u - delta), delta = beta (SeqKL_l - SeqKL_w)
+        z = z - (kl_l - kl_w)  # TDPO Eq. 18: -log sigma(u - delta), delta = beta (SeqKL_l - SeqKL_w)
     elif method in ("tdpo2", "tidpo"):
-        z = z - alpha * (kl_l - kl_w.detach())  # TDPO_2: the chosen side's SeqKL behind a stop-gradient
+        z = z - alpha * (kl_l - kl_w.detach())  # TDPO Eq. 20: the chosen SeqKL behind a stop-gradient
     losses = -F.logsigmoid(beta * z)
     loss = losses.mean()
 
