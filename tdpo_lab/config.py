@@ -61,7 +61,7 @@ class Config:
     reward_batch_size: int = 32
 
     # --- SFT (pi_ref) -------------------------------------------------------------------------
-    sft_steps: int = 1100
+    sft_steps: int = 700  # 717k tokens, about 0.6 epoch of the 4,000-review sample
     sft_batch_size: int = 8
     sft_block_size: int = 128
     sft_lr: float = 1e-3
@@ -94,14 +94,14 @@ class Config:
     attn_layer: int = -1  # AttentionPO judge layer; -1 = last
     attn_layer_mean: bool = False  # average attention over all layers instead of one
     attn_fix_sink: bool = True
-    train_steps: int = 300
+    train_steps: int = 240
     batch_size: int = 8  # preference pairs per step
     lr: float = 5e-5
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
-    eval_every: int = 100  # evaluate every k steps (and at step 0 and the last step)
-    checkpoint_every: int = 50
+    eval_every: int = 80  # evaluate every k steps (and at step 0 and the last step)
+    checkpoint_every: int = 40
     chunk_size: int = 0  # rows per chunk in token_stats; 0 = automatic
 
     # --- evaluation ---------------------------------------------------------------------------
