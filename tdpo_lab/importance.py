@@ -155,19 +155,32 @@ def gradient_saliency(
             "gradient_saliency needs autograd but torch.inference_mode() is active; call it outside "
             "inference_mode (torch.no_grad() is fine: it is overridden locally)."
         )
-    n_rows, n_pos = input_ids.shape
-    positions = torch.arange(n_pos, device=input_ids.device).expand(n_rows, n_pos)
-    # The last real position of each row (works for right or left padding).
-    last = torch.where(real, positions, torch.full_like(positions, -1)).max(dim=1).values
-
     with _eval_mode(model), torch.enable_grad():
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
         out = model(inputs_embeds=embeds, attention_mask=attention_mask)
         logits = getattr(out, "logits", None)
         if logits is None:
             raise TypeError("the model's output has no .logits; gradient_saliency needs a causal LM output.")
-        target = logits[torch.arange(n_rows, device=logits.device), last].max(dim=-1).values  # Eq. 5, [N]
-        (grad,) = torch.autograd.grad(target.sum(), embeds)
+        return saliency_from_graph(logits, embeds, attention_mask)
+
+
+def saliency_from_graph(
+    logits: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor, *, retain_graph: bool = False
+) -> torch.Tensor:
+    """TI-DPO attribution from a forward pass already made with ``inputs_embeds=embeds``: ``[N, T]``, no grad.
+
+    The training loop runs the policy once with ``inputs_embeds`` and reads both the loss and the weights off
+    that one graph (``retain_graph=True`` keeps it for the loss's backward), which saves TI-DPO a forward
+    pass per step. Only ``embeds`` receives this gradient; parameters are untouched. Equal to
+    :func:`gradient_saliency` when the model has no dropout.
+    """
+    n_rows, n_pos = attention_mask.shape
+    real = attention_mask.bool()
+    positions = torch.arange(n_pos, device=logits.device).expand(n_rows, n_pos)
+    # The last real position of each row (works for right or left padding).
+    last = torch.where(real, positions, torch.full_like(positions, -1)).max(dim=1).values
+    target = logits[torch.arange(n_rows, device=logits.device), last].max(dim=-1).values  # Eq. 5, [N]
+    (grad,) = torch.autograd.grad(target.sum(), embeds, retain_graph=retain_graph)
     saliency = grad.detach().abs().sum(dim=-1).float()  # Eq. 6, [N, T]
     if not bool(torch.isfinite(saliency).all()):
         raise FloatingPointError(

@@ -34,7 +34,8 @@ from tdpo_lab.importance import (
     SINK_MIN_LENGTH,
     align_weights,
     attention_weights,
-    gradient_importance,
+    hybrid_weights,
+    saliency_from_graph,
 )
 from tdpo_lab.logprobs import token_stats
 from tdpo_lab.losses import left_align, preference_loss, triplet_loss
@@ -177,7 +178,7 @@ def compute_loss(
         tokenizer, prompts, list(rows["chosen"]), list(rows["rejected"]), max_length=cfg.n_positions
     )
     labels = batch["labels"].to(device)
-    weights = None
+    weights, policy_logits = None, None
     if cfg.method == "attnpo":
         if attn_weights is None:
             raise ValueError("method 'attnpo' needs attn_weights (see tdpo_lab.train.attnpo_weights)")
@@ -185,21 +186,19 @@ def compute_loss(
         rejected_w = [attn_weights[i][1] for i in rows["pair_id"]]
         weights = align_weights(batch, chosen_w, rejected_w).to(device)
     elif cfg.method == "tidpo":
-        span = (
-            labels != -100 if cfg.importance_span == "response" else batch["attention_mask"].bool().to(device)
-        )
-        token_w = gradient_importance(
-            policy,
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            span,
-            lam=cfg.lam,
-            sigma_div=cfg.sigma_div,
-        )
+        # one policy forward serves both the TI-DPO weights (gradient w.r.t. the input embeddings) and the loss
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        embeds = policy.get_input_embeddings()(input_ids)
+        policy_logits = policy(inputs_embeds=embeds, attention_mask=attention_mask).logits
+        saliency = saliency_from_graph(policy_logits, embeds, attention_mask, retain_graph=True)
+        span = labels != -100 if cfg.importance_span == "response" else attention_mask.bool()
+        token_w = hybrid_weights(saliency, span, lam=cfg.lam, sigma_div=cfg.sigma_div)
         weights = token_w[:, 1:]  # the weight of token t sits at shifted-label position t - 1
     with torch.no_grad():
         ref_logits = _logits(reference, batch, device)
-    stats = token_stats(_logits(policy, batch, device), ref_logits, labels, chunk_size=cfg.chunk_size or None)
+    if policy_logits is None:
+        policy_logits = _logits(policy, batch, device)
+    stats = token_stats(policy_logits, ref_logits, labels, chunk_size=cfg.chunk_size or None)
     if weights is not None:
         weights = weights * stats.mask
     out = preference_loss(cfg.method, stats, beta=cfg.beta, alpha=cfg.alpha, weights=weights)

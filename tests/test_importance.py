@@ -636,3 +636,25 @@ def test_no_warnings_on_a_normal_call(tok, gpt2):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attention_weights(gpt2, tok, *PAIRS[1])
+
+
+def test_saliency_from_an_existing_graph_equals_gradient_saliency():
+    """The training loop reads TI-DPO's attribution off its own forward pass: it must equal the standalone one."""
+    from toy import make_model, make_tokenizer
+
+    from tdpo_lab.importance import saliency_from_graph
+
+    tok = make_tokenizer()
+    model = make_model(tok, seed=4)
+    rows = [tok("the plot made no sense")["input_ids"], tok("I loved every scene of it")["input_ids"]]
+    width = min(len(r) for r in rows)
+    ids = torch.tensor([r[:width] for r in rows])
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # right padding in row 0
+    expected = gradient_saliency(model, ids, mask)
+    embeds = model.get_input_embeddings()(ids)
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+    got = saliency_from_graph(logits, embeds, mask, retain_graph=True)
+    torch.testing.assert_close(got, expected)
+    logits.sum().backward()  # the graph was kept for the loss
+    assert model.get_input_embeddings().weight.grad is not None
