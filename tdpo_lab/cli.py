@@ -226,47 +226,128 @@ def notebooks_dir() -> Path:
     raise FileNotFoundError("cannot find the notebooks/ folder: run from a checkout of tdpo-lab")
 
 
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    import papermill as pm
-    from tqdm.auto import tqdm
+# What each chapter needs from the ones before it (the caches make any order correct; this order lets
+# independent chapters run side by side without training the same thing twice).
+CHAPTER_NEEDS = {
+    "00": (),
+    "01": ("00",),
+    "02": ("01",),
+    "03": (),
+    "04": ("02",),
+    "05": ("04",),
+    "06": ("02",),
+    "07": ("06",),
+    "08": ("05", "07"),
+}
 
-    from tdpo_lab.utils import progress_off
+
+def _needs(names: list[str]) -> dict[str, list[str]]:
+    """Dependencies among the selected notebooks; a chapter the table does not know follows the previous one."""
+    by_number = {n[:2]: n for n in names}
+    needs = {}
+    for i, name in enumerate(names):
+        known = CHAPTER_NEEDS.get(name[:2])
+        if known is None or name not in NOTEBOOKS:
+            needs[name] = names[i - 1 : i]
+        else:
+            needs[name] = [by_number[k] for k in known if k in by_number]
+    return needs
+
+
+def _failed_cell(path: Path) -> str:
+    """'cell [k] raised Name: message' from an executed notebook's first error output."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception:  # noqa: BLE001 - the notebook may not have been written at all
+        return "a cell (the output notebook could not be read)"
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                return f"cell [{cell.get('execution_count')}] raised {output.get('ename')}: {output.get('evalue')}"
+    return "a cell (no error output was recorded)"
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import subprocess
+    import time
+
+    import yaml
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = Path(args.notebooks) if args.notebooks else notebooks_dir()
     chapters = NOTEBOOKS if not args.notebooks else tuple(sorted(p.name for p in source.glob("*.ipynb")))
     names = [n for n in chapters if not args.only or any(n.startswith(p) for p in args.only.split(","))]
+    missing = [n for n in names if not (source / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"notebook(s) {missing} are missing from {source}")
     params = {
         "profile": args.profile,
         "fast": bool(args.fast),
         "run_root": str(out / "runs"),
         "figures_dir": str(out / "figures"),
     }
-    for name in tqdm(names, desc="notebooks", disable=progress_off(not args.quiet)):
-        path = source / name
-        if not path.exists():
-            raise FileNotFoundError(f"notebook {path} is missing from the checkout")
-        declared = _notebook_parameters(path)
-        given = {k: v for k, v in params.items() if k in declared}
-        tqdm.write(f"running {name} -> {out / name}")
-        try:
-            pm.execute_notebook(
-                str(path),
+    needs, done, running, failed = _needs(names), set(), {}, []
+    started_all = time.perf_counter()
+    print(f"reproduce: {len(names)} notebooks into {out}, up to {args.jobs} at a time", flush=True)
+    while len(done) + len(failed) < len(names):
+        ready = [
+            n
+            for n in names
+            if n not in done and n not in running and n not in failed and all(d in done for d in needs[n])
+        ]
+        while ready and len(running) < args.jobs and not failed:
+            name = ready.pop(0)
+            declared = _notebook_parameters(source / name)
+            given = {k: v for k, v in params.items() if k in declared}
+            command = [
+                sys.executable,
+                "-m",
+                "papermill",
+                str(source / name),
                 str(out / name),
-                parameters=given,
-                progress_bar=False,
-                kernel_name="python3",
-                cwd=str(out),
+                "-y",
+                yaml.safe_dump(given),
+                "-k",
+                "python3",
+                "--cwd",
+                str(out),
+                "--no-progress-bar",
+            ]
+            log = open(out / f"{Path(name).stem}.log", "w")  # noqa: SIM115 - closed when the process ends
+            running[name] = (
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT),
+                time.perf_counter(),
+                log,
             )
-        except Exception as exc:
+            print(f"  started  {name}", flush=True)
+        if not running:
+            break  # a failure left the rest waiting on it
+        time.sleep(1.0)
+        for name, (proc, started, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            minutes = (time.perf_counter() - started) / 60
+            if proc.returncode == 0:
+                done.add(name)
+                print(f"  finished {name} in {minutes:.1f} min", flush=True)
+            else:
+                failed.append(name)
+                print(f"  FAILED   {name} after {minutes:.1f} min", flush=True)
+    if failed:
+        for name in failed:
             print(
-                f"\nreproduce stopped: {name} failed in {_papermill_message(exc)}\n"
-                f"open {out / name} to see the traceback; fix it and run the same command again "
-                "(finished stages are cached and are not redone)",
+                f"\nreproduce stopped: {name} failed in {_failed_cell(out / name)}\n"
+                f"open {out / name} (and {out / (Path(name).stem + '.log')}) to see the traceback; fix it and "
+                "run the same command again (finished stages are cached and are not redone)",
                 file=sys.stderr,
             )
-            return 1
+        return 1
+    print(f"all notebooks executed in {(time.perf_counter() - started_all) / 60:.1f} min", flush=True)
     if (out / "runs").is_dir():
         report = write_results(out / "runs", out)
         print(
@@ -324,6 +405,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reproduce")
     p.add_argument("--only", help="comma-separated notebook number prefixes, e.g. 00,01")
     p.add_argument("--notebooks", help="folder of the chapters (default: the checkout's notebooks/)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="chapters run side by side when they do not depend on each other (each uses one thread)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 

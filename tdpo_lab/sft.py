@@ -26,6 +26,7 @@ from tdpo_lab.tokenizer import get_tokenizer
 from tdpo_lab.utils import (
     append_jsonl,
     atomic_path,
+    exclusive_lock,
     load_training_state,
     progress_off,
     read_jsonl,
@@ -133,6 +134,14 @@ def train_sft(cfg: Config, *, progress: bool = True, stop_after: int | None = No
     final = root / "model"
     if (final / "config.json").exists():
         return final
+    with exclusive_lock(root / ".lock"):  # a second process waits, then finds the model done
+        if (final / "config.json").exists():
+            return final
+        return _train_sft(cfg, root, progress=progress, stop_after=stop_after)
+
+
+def _train_sft(cfg: Config, root: Path, *, progress: bool, stop_after: int | None) -> Path:
+    final = root / "model"
     root.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.num_threads)
     device = select_device(cfg.device)

@@ -46,6 +46,7 @@ from tdpo_lab.runs import RunDir, read_jsonl_tolerant, write_env
 from tdpo_lab.sft import load_reference, sft_key, train_sft
 from tdpo_lab.utils import (
     atomic_path,
+    exclusive_lock,
     load_training_state,
     progress_off,
     save_training_state,
@@ -269,8 +270,14 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
 
     Writes ``config.json``, ``env.json``, ``metrics.jsonl`` (every step), ``eval.jsonl`` (step 0, every
     ``eval_every`` steps and the last), ``checkpoint/state.pt`` and, at the end, ``policy/``.
-    ``stop_after`` returns after that many steps of this call (for resumption tests).
+    ``stop_after`` returns after that many steps of this call (for resumption tests). A second process asking
+    for the same run folder waits for the first (a lock file), then finds the run finished.
     """
+    with exclusive_lock(Path(run_dir) / ".lock"):
+        return _train(cfg, run_dir, progress=progress, stop_after=stop_after)
+
+
+def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int | None) -> Path:
     run = RunDir(run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
     _check_or_write_config(run.path, cfg)

@@ -133,3 +133,26 @@ def load_training_state(path: str | os.PathLike, model, optimizer, scheduler, de
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike):
+    """Hold an exclusive lock on ``path`` (a lock file) for the block; a second holder waits.
+
+    Two notebooks (or a sweep and a notebook) that ask for the same run or cache entry at once would
+    otherwise train it twice into one folder; with the lock the second waits and then finds it finished.
+    POSIX only (``fcntl``); elsewhere the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
