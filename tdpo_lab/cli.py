@@ -192,7 +192,10 @@ def _sweep_notebook(args: argparse.Namespace) -> int:
             )
         except Exception as exc:
             failures.append((name, exc))
-            print(f"FAILED {name}: {_papermill_message(exc)}", file=sys.stderr)
+            print(
+                f"FAILED {name}: {_failed_cell(point_dir / notebook.name)} ({type(exc).__name__})",
+                file=sys.stderr,
+            )
     try:
         report = write_results(root)
         print(f"results table: {report}")
@@ -205,14 +208,6 @@ def _notebook_parameters(path: Path) -> dict:
     import papermill as pm
 
     return pm.inspect_notebook(str(path))
-
-
-def _papermill_message(exc: Exception) -> str:
-    """The failing cell's number and the exception, from papermill's PapermillExecutionError."""
-    cell = getattr(exc, "exec_count", None)
-    ename, evalue = getattr(exc, "ename", type(exc).__name__), getattr(exc, "evalue", str(exc))
-    where = f"cell [{cell}]" if cell is not None else "a cell"
-    return f"{where} raised {ename}: {evalue}"
 
 
 def notebooks_dir() -> Path:

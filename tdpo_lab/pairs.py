@@ -19,7 +19,7 @@ from tdpo_lab.config import Config
 from tdpo_lab.data import clean_text, dataset_fingerprint, load_imdb, make_prefixes
 from tdpo_lab.generation import sample
 from tdpo_lab.reward import get_reward
-from tdpo_lab.utils import atomic_path, seed_everything, set_threads
+from tdpo_lab.utils import atomic_path, set_threads
 
 PAIR_COLUMNS = ["prompt_id", "prompt", "chosen", "rejected", "reward_chosen", "reward_rejected"]
 PAIR_FIELDS = (
@@ -106,8 +106,7 @@ def build_pairs(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
     prompts = make_prefixes(
         texts, tokenizer, min_tokens=cfg.prefix_min_tokens, max_tokens=cfg.prefix_max_tokens, seed=cfg.seed
     )
-    seed_everything(cfg.seed)
-    samples = sample(
+    samples = sample(  # seeded per batch from cfg.seed inside
         model,
         tokenizer,
         prompts,

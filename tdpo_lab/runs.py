@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from tdpo_lab.config import result_fields
-from tdpo_lab.utils import append_jsonl, stable_hash, write_json
+from tdpo_lab.utils import append_jsonl, atomic_path, stable_hash, write_json
 
 __all__ = [
     "save_figure",
@@ -43,6 +43,7 @@ __all__ = [
     "default_run_root",
     "resolve_run_dir",
     "setting_key",
+    "truncate_jsonl",
     "METHOD_COLORS",
     "METHOD_NAMES",
     "RunDir",
@@ -675,3 +676,15 @@ def resolve_run_dir(
     if run_dir:
         return Path(run_dir)
     return Path(run_root or default_run_root(cfg)) / run_name(cfg)
+
+
+def truncate_jsonl(path: str | os.PathLike, step: int) -> None:
+    """Keep only the records of a step-indexed JSON-lines log with ``step <= step`` (atomic rewrite).
+
+    A resumed run redoes everything after its checkpoint, so lines written after it (or cut off by the
+    interruption) are dropped first and never appear twice.
+    """
+    path = Path(path)
+    kept = [r for r in read_jsonl_tolerant(path)[0] if r.get("step", 0) <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -12,7 +12,6 @@ Derived and run in notebooks/01_sft_reference.ipynb.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from tdpo_lab.config import Config
 from tdpo_lab.data import clean_text, dataset_fingerprint, load_imdb
 from tdpo_lab.models import build_model, load_model
+from tdpo_lab.runs import read_jsonl_tolerant, truncate_jsonl
 from tdpo_lab.tokenizer import get_tokenizer
 from tdpo_lab.utils import (
     append_jsonl,
@@ -29,7 +29,6 @@ from tdpo_lab.utils import (
     exclusive_lock,
     load_training_state,
     progress_off,
-    read_jsonl,
     save_training_state,
     seed_everything,
     select_device,
@@ -168,7 +167,7 @@ def _train_sft(cfg: Config, root: Path, *, progress: bool, stop_after: int | Non
     step = 0
     if ckpt_path.exists():
         step = load_training_state(ckpt_path, model, optimizer, scheduler, device)
-        _truncate_history(history_path, step)
+        truncate_jsonl(history_path, step)
         print(f"SFT: resuming from step {step} of {cfg.sft_steps} ({ckpt_path})")
     else:
         history_path.unlink(missing_ok=True)
@@ -213,18 +212,9 @@ def _train_sft(cfg: Config, root: Path, *, progress: bool, stop_after: int | Non
     return final
 
 
-def _truncate_history(path: Path, step: int) -> None:
-    """Drop history lines written after the checkpoint we resume from (they will be redone)."""
-    kept = [r for r in read_jsonl(path) if r["step"] <= step]
-    with atomic_path(path) as tmp:
-        import json
-
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
 def sft_history(cfg: Config) -> list[dict]:
     """The SFT training history (one dict per step; ``eval_loss`` at evaluation steps)."""
-    return read_jsonl(sft_dir(cfg) / "history.jsonl")
+    return read_jsonl_tolerant(sft_dir(cfg) / "history.jsonl")[0]
 
 
 def load_reference(cfg: Config, *, attn_implementation: str | None = None, progress: bool = True):
@@ -238,8 +228,3 @@ def load_reference(cfg: Config, *, attn_implementation: str | None = None, progr
     model = load_model(str(folder), attn_implementation=attn_implementation).to(select_device(cfg.device))
     model.eval()
     return model, tokenizer
-
-
-def clear_sft_cache(cfg: Config) -> None:
-    """Delete this configuration's SFT folder (forces retraining)."""
-    shutil.rmtree(sft_dir(cfg), ignore_errors=True)

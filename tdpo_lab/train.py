@@ -42,7 +42,7 @@ from tdpo_lab.losses import left_align, preference_loss, triplet_loss
 from tdpo_lab.models import load_model
 from tdpo_lab.pairs import build_pairs, pairs_key, split_pairs
 from tdpo_lab.reward import get_reward
-from tdpo_lab.runs import RunDir, read_jsonl_tolerant, write_env
+from tdpo_lab.runs import RunDir, truncate_jsonl, write_env
 from tdpo_lab.sft import load_reference, sft_key, train_sft
 from tdpo_lab.utils import (
     atomic_path,
@@ -238,11 +238,6 @@ def _batch_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return perm[offset * batch_size : (offset + 1) * batch_size]
 
 
-def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
 def reference_evaluation(cfg: Config, reference, tokenizer, reward, prompts, heldout) -> dict:
     """Evaluation of pi_ref itself (step 0 of every run), cached: it is the same for every method."""
     key = cfg.key(
@@ -309,7 +304,7 @@ def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int 
         step = load_training_state(ckpt_path, policy, optimizer, scheduler, device)
         # lines written after the checkpoint (or cut off by the interruption) are redone
         for path in (run.metrics_path, run.eval_path):
-            _rewrite_jsonl(path, [r for r in read_jsonl_tolerant(path)[0] if r["step"] <= step])
+            truncate_jsonl(path, step)
         if progress:
             print(f"{run.path}: resuming from step {step} of {cfg.train_steps}")
     else:
