@@ -3,11 +3,13 @@
 Same model (the tiny profile's architecture, 8,192-entry vocabulary), same batches of pairs for every
 method; AttentionPO's weights are computed beforehand (as the training loop caches them), TI-DPO pays for
 its gradient attribution and its triplet anchor every step. Methods are timed round-robin, so drift in
-the machine's speed hits all of them alike; the table reports the median over steps.
+the machine's speed hits all of them alike; the table reports the median over steps. A last line times
+the TI-DPO anchor alone: ``generate`` (:func:`tdpo_lab.generation.sample`) against the KV-cache loop the
+training step uses (:func:`tdpo_lab.generation.sample_fast`), on the first batch's prompts, round-robin.
 
-    python benchmarks/bench_train_step.py --steps 12 --threads 1
+    python benchmarks/bench_train_step.py --steps 10 --warmup 2 --threads 1
 
-Targets on the 2-core development machine: TDPO2 <= 1.15x DPO, AttentionPO <= 1.05x, TI-DPO <= 2.0x.
+Targets on the 2-core development machine: TDPO2 <= 1.15x DPO, AttentionPO <= 1.05x, TI-DPO <= 1.8x.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tdpo_lab.config import METHODS, load_config
+from tdpo_lab.config import load_config
 from tdpo_lab.data import clean_text, load_imdb, make_prefixes
-from tdpo_lab.importance import attention_weights
+from tdpo_lab.generation import sample, sample_fast
+from tdpo_lab.methods import method_names
+from tdpo_lab.methods.attnpo_judge import attention_weights
 from tdpo_lab.models import build_model
 from tdpo_lab.tokenizer import get_tokenizer
 from tdpo_lab.train import compute_loss
 from tdpo_lab.utils import seed_everything
 
-TARGETS = {"dpo": 1.0, "tdpo1": None, "tdpo2": 1.15, "attnpo": 1.05, "tidpo": 2.0}
+TARGETS = {"dpo": 1.0, "tdpo1": None, "tdpo2": 1.15, "attnpo": 1.05, "tidpo": 1.8}
 
 
 def synthetic_pairs(tokenizer, cfg, n: int) -> pd.DataFrame:
@@ -51,12 +55,33 @@ def synthetic_pairs(tokenizer, cfg, n: int) -> pd.DataFrame:
     )
 
 
+def anchor_times(policy, tokenizer, prompts: list[str], cfg, repeats: int) -> dict[str, float]:
+    """Median seconds of one TI-DPO anchor draw (``len(prompts)`` rows, ``cfg.anchor_*``) per sampler."""
+    kwargs = dict(
+        num_samples=1,
+        max_new_tokens=cfg.anchor_max_new_tokens,
+        temperature=cfg.anchor_temperature,
+        top_k=cfg.anchor_top_k,
+        top_p=cfg.anchor_top_p,
+        batch_size=len(prompts),
+    )
+    times: dict[str, list[float]] = {"generate": [], "kv-cache loop": []}
+    for rep in range(repeats + 1):  # the first round warms both up and is not counted
+        for name, fn in (("generate", sample), ("kv-cache loop", sample_fast)):
+            started = time.perf_counter()
+            fn(policy, tokenizer, prompts, seed=rep, **kwargs)
+            if rep > 0:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--anchor-repeats", type=int, default=10, help="timed anchor draws per sampler")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config("tiny", fast=False, batch_size=args.batch_size)
@@ -73,15 +98,14 @@ def main() -> None:
     attn = [attention_weights(judge, tokenizer, r.prompt, r.chosen, r.rejected) for r in pairs.itertuples()]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)  # lr 0: every method sees the same model
 
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in method_names()}
     for step in range(args.warmup + args.steps):
         rows = pairs.iloc[step * args.batch_size : (step + 1) * args.batch_size]
-        for method in METHODS:
+        for method in method_names():
             mcfg = cfg.replace(method=method)
             started = time.perf_counter()
-            loss, _ = compute_loss(
-                policy, reference, tokenizer, rows, mcfg, step_seed=step, attn_weights=attn
-            )
+            state = attn if method == "attnpo" else None  # the per-pair state only AttentionPO reads
+            loss, _ = compute_loss(policy, reference, tokenizer, rows, mcfg, step_seed=step, state=state)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -96,11 +120,18 @@ def main() -> None:
     )
     print("| method | s / step (median) | x DPO | target |")
     print("|---|---|---|---|")
-    for method in METHODS:
+    for method in method_names():
         med = statistics.median(times[method])
-        target = TARGETS[method]
+        target = TARGETS.get(method)
         mark = "" if target is None else (f"<= {target:.2f} " + ("ok" if med / base <= target else "MISSED"))
         print(f"| {method} | {med:.3f} | {med / base:.2f} | {mark} |")
+    prompts = list(pairs["prompt"][: args.batch_size])
+    slow, fast = anchor_times(policy, tokenizer, prompts, cfg, args.anchor_repeats).values()
+    print(
+        f"\nTI-DPO anchor, {len(prompts)} prompts x {cfg.anchor_max_new_tokens} new tokens (median of "
+        f"{args.anchor_repeats}): generate {slow:.3f} s, KV-cache loop {fast:.3f} s "
+        f"({slow / fast:.1f}x faster)"
+    )
 
 
 if __name__ == "__main__":

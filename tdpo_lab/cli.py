@@ -6,7 +6,8 @@
     tdpo-lab reproduce --profile tiny --out reproduce
     tdpo-lab collect runs/sweep
 
-Every stage that is cached already (tokenizer, SFT model, pairs, AttentionPO weights) is reused.
+Every stage that is cached already (tokenizer, SFT model, pairs, AttentionPO weights) is reused. The
+commands that execute notebooks (``reproduce``, ``sweep --notebook``) leave that to :mod:`tdpo_lab.chapters`.
 """
 
 from __future__ import annotations
@@ -17,20 +18,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from tdpo_lab.config import METHODS, PROFILES, Config, ConfigError, config_from_file, load_config
-from tdpo_lab.runs import ALPHA_METHODS, run_name
-
-NOTEBOOKS = (
-    "00_setup_and_data.ipynb",
-    "01_sft_reference.ipynb",
-    "02_preference_pairs.ipynb",
-    "03_bradley_terry_token_reward.ipynb",
-    "04_dpo_baseline.ipynb",
-    "05_tdpo.ipynb",
-    "06_ti_dpo.ipynb",
-    "07_attention_po.ipynb",
-    "08_frontier_and_results.ipynb",
-)
+from tdpo_lab.chapters import NOTEBOOKS, failed_cell, notebooks_dir, run_chapters, sweep_notebook
+from tdpo_lab.config import PROFILES, Config, ConfigError, config_from_file, load_config
+from tdpo_lab.methods import method_names, reads_knob
+from tdpo_lab.rundir import RunDir, run_name
 
 
 def _parse_value(text: str):
@@ -78,9 +69,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tdpo_lab.train import train
 
     cfg = build_config(args)
-    out = Path(args.out) if args.out else Path("runs") / run_name(cfg)
-    train(cfg, out, progress=not args.quiet)
-    print(f"results: {out}/eval.jsonl (evaluations), {out}/metrics.jsonl (every step), {out}/policy (model)")
+    run = RunDir(train(cfg, args.out or Path("runs") / run_name(cfg), progress=not args.quiet))
+    print(
+        f"results: {run.eval_path} (evaluations), {run.metrics_path} (every step), {run.policy_dir} (model)"
+    )
     return 0
 
 
@@ -89,7 +81,8 @@ def write_results(root: Path, out: Path | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    from tdpo_lab.runs import collect, frontier_plot, results_markdown, seqkl_plot, summarise
+    from tdpo_lab.plots import frontier_plot, seqkl_plot
+    from tdpo_lab.results import collect, results_markdown, summarise
 
     out = out or root
     out.mkdir(parents=True, exist_ok=True)
@@ -112,12 +105,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     root = Path(args.out)
     methods = [m.strip() for m in args.methods.split(",")]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(method_names())}")
     points = []
     for method, beta, seed in itertools.product(methods, _floats(args.betas), _ints(args.seeds)):
-        alphas = _floats(args.alphas) if method in ALPHA_METHODS else [None]
+        alphas = _floats(args.alphas) if reads_knob(method, "alpha") else [None]
         for alpha in alphas:
             extra = {"method": method, "beta": beta, "seed": seed}
             if alpha is not None:
@@ -139,63 +132,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _grid_points(grid_path: str) -> list[dict]:
-    """A grid file maps parameter names to a value or a list of values; the product is the sweep."""
-    import yaml
-
-    grid = yaml.safe_load(Path(grid_path).read_text()) or {}
-    if not isinstance(grid, dict):
-        raise ConfigError(f"{grid_path}: a grid is a mapping of notebook parameters to lists of values")
-    keys = list(grid)
-    values = [v if isinstance(v, list) else [v] for v in grid.values()]
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
-
-
 def _sweep_notebook(args: argparse.Namespace) -> int:
-    import papermill as pm
-
     if not args.grid:
         raise ConfigError("--notebook needs --grid GRID.yaml (parameter name -> list of values)")
     root = Path(args.out)
-    notebook = Path(args.notebook)
-    declared = _notebook_parameters(notebook)
-    failures = []
-    points = _grid_points(args.grid)
-    for i, params in enumerate(points, 1):
-        unknown = sorted(set(params) - set(declared))
-        if unknown:
-            raise ConfigError(
-                f"grid parameter(s) {unknown} are not in the parameters cell of {notebook} "
-                f"(it has {sorted(declared)})"
-            )
-        name = "_".join(f"{k}{v}" for k, v in params.items()) or "default"
-        point_dir = root / name
-        extra = {
-            "run_dir": str(point_dir / "run"),
-            "profile": args.profile,
-            **({"fast": True} if args.fast else {}),
-        }
-        params = {**{k: v for k, v in extra.items() if k in declared}, **params}
-        done = point_dir / "run" / "policy" / "config.json"
-        if done.exists():
-            print(f"[{i}/{len(points)}] {name}: done already, skipped")
-            continue
-        print(f"[{i}/{len(points)}] {name}", flush=True)
-        point_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            pm.execute_notebook(
-                str(notebook),
-                str(point_dir / notebook.name),
-                parameters=params,
-                progress_bar=not args.quiet,
-                kernel_name="python3",
-            )
-        except Exception as exc:
-            failures.append((name, exc))
-            print(
-                f"FAILED {name}: {_failed_cell(point_dir / notebook.name)} ({type(exc).__name__})",
-                file=sys.stderr,
-            )
+    failures = sweep_notebook(
+        Path(args.notebook), args.grid, root, profile=args.profile, fast=args.fast, quiet=args.quiet
+    )
     try:
         report = write_results(root)
         print(f"results table: {report}")
@@ -204,71 +147,8 @@ def _sweep_notebook(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _notebook_parameters(path: Path) -> dict:
-    import papermill as pm
-
-    return pm.inspect_notebook(str(path))
-
-
-def notebooks_dir() -> Path:
-    """The notebooks folder: beside the installed package (editable install) or the current checkout."""
-    here = Path(__file__).resolve().parent.parent / "notebooks"
-    if here.is_dir():
-        return here
-    local = Path.cwd() / "notebooks"
-    if local.is_dir():
-        return local
-    raise FileNotFoundError("cannot find the notebooks/ folder: run from a checkout of tdpo-lab")
-
-
-# What each chapter needs from the ones before it (the caches make any order correct; this order lets
-# independent chapters run side by side without training the same thing twice).
-CHAPTER_NEEDS = {
-    "00": (),
-    "01": ("00",),
-    "02": ("01",),
-    "03": (),
-    "04": ("02",),
-    "05": ("04",),
-    "06": ("02",),
-    "07": ("06",),
-    "08": ("05", "07"),
-}
-
-
-def _needs(names: list[str]) -> dict[str, list[str]]:
-    """Dependencies among the selected notebooks; a chapter the table does not know follows the previous one."""
-    by_number = {n[:2]: n for n in names}
-    needs = {}
-    for i, name in enumerate(names):
-        known = CHAPTER_NEEDS.get(name[:2])
-        if known is None or name not in NOTEBOOKS:
-            needs[name] = names[i - 1 : i]
-        else:
-            needs[name] = [by_number[k] for k in known if k in by_number]
-    return needs
-
-
-def _failed_cell(path: Path) -> str:
-    """'cell [k] raised Name: message' from an executed notebook's first error output."""
-    import nbformat
-
-    try:
-        nb = nbformat.read(path, as_version=4)
-    except Exception:  # noqa: BLE001 - the notebook may not have been written at all
-        return "a cell (the output notebook could not be read)"
-    for cell in nb.cells:
-        for output in cell.get("outputs", []):
-            if output.get("output_type") == "error":
-                return f"cell [{cell.get('execution_count')}] raised {output.get('ename')}: {output.get('evalue')}"
-    return "a cell (no error output was recorded)"
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    import subprocess
     import time
-
-    import yaml
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -284,59 +164,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         "run_root": str(out / "runs"),
         "figures_dir": str(out / "figures"),
     }
-    needs, done, running, failed = _needs(names), set(), {}, []
     started_all = time.perf_counter()
     print(f"reproduce: {len(names)} notebooks into {out}, up to {args.jobs} at a time", flush=True)
-    while len(done) + len(failed) < len(names):
-        ready = [
-            n
-            for n in names
-            if n not in done and n not in running and n not in failed and all(d in done for d in needs[n])
-        ]
-        while ready and len(running) < args.jobs and not failed:
-            name = ready.pop(0)
-            declared = _notebook_parameters(source / name)
-            given = {k: v for k, v in params.items() if k in declared}
-            command = [
-                sys.executable,
-                "-m",
-                "papermill",
-                str(source / name),
-                str(out / name),
-                "-y",
-                yaml.safe_dump(given),
-                "-k",
-                "python3",
-                "--cwd",
-                str(out),
-                "--no-progress-bar",
-            ]
-            log = open(out / f"{Path(name).stem}.log", "w")  # noqa: SIM115 - closed when the process ends
-            running[name] = (
-                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT),
-                time.perf_counter(),
-                log,
-            )
-            print(f"  started  {name}", flush=True)
-        if not running:
-            break  # a failure left the rest waiting on it
-        time.sleep(1.0)
-        for name, (proc, started, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[name]
-            minutes = (time.perf_counter() - started) / 60
-            if proc.returncode == 0:
-                done.add(name)
-                print(f"  finished {name} in {minutes:.1f} min", flush=True)
-            else:
-                failed.append(name)
-                print(f"  FAILED   {name} after {minutes:.1f} min", flush=True)
+    failed = run_chapters(source, names, out, params, args.jobs)
     if failed:
         for name in failed:
             print(
-                f"\nreproduce stopped: {name} failed in {_failed_cell(out / name)}\n"
+                f"\nreproduce stopped: {name} failed in {failed_cell(out / name)}\n"
                 f"open {out / name} (and {out / (Path(name).stem + '.log')}) to see the traceback; fix it and "
                 "run the same command again (finished stages are cached and are not redone)",
                 file=sys.stderr,
@@ -374,7 +208,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train and evaluate one method (every missing stage first)")
     _common(p)
-    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--method", choices=method_names(), help="a registered method (tdpo_lab.methods)")
     p.add_argument("--beta", type=float)
     p.add_argument("--alpha", type=float)
     p.add_argument("--seed", type=int)
@@ -385,7 +219,7 @@ def make_parser() -> argparse.ArgumentParser:
         "sweep", help="a grid of methods x betas (x alphas) x seeds, or a notebook over a grid"
     )
     _common(p)
-    p.add_argument("--methods", default="dpo,tdpo1,tdpo2,attnpo,tidpo")
+    p.add_argument("--methods", default=",".join(method_names()), help="comma-separated registered methods")
     p.add_argument("--betas", default="0.1")
     p.add_argument("--alphas", default="0.5", help="for tdpo2 and tidpo (tdpo1 has no alpha)")
     p.add_argument("--seeds", default="0")

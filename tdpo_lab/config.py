@@ -21,7 +21,8 @@ import json
 import os
 from pathlib import Path
 
-METHODS = ("dpo", "tdpo1", "tdpo2", "attnpo", "tidpo")
+from tdpo_lab.methods import knob_default, knob_methods, method_names
+
 PROFILES = ("tiny", "gpt2")
 
 
@@ -81,19 +82,20 @@ class Config:
     # --- preference training ------------------------------------------------------------------
     method: str = "tdpo2"
     beta: float = 0.1
-    alpha: float = 0.5  # TDPO / TI-DPO KL weight
-    gamma: float = 0.1  # TI-DPO triplet weight (paper; shipped YAML 0.001)
-    lam: float = 0.7  # TI-DPO gradient/prior mix (paper; shipped config 0.2)
-    sigma_div: float = 4.0  # TI-DPO prior sigma = n / sigma_div (paper 4; config 8)
-    triplet_margin: float = 0.001
-    importance_span: str = "response"  # "response" (kit) or "full" (official TI-DPO code)
-    anchor_max_new_tokens: int = 32
-    anchor_temperature: float = 0.8
-    anchor_top_k: int = 50
-    anchor_top_p: float = 0.95
-    attn_layer: int = -1  # AttentionPO judge layer; -1 = last
-    attn_layer_mean: bool = False  # average attention over all layers instead of one
-    attn_fix_sink: bool = True
+    # Method knobs: their defaults and meaning are declared by the method that reads them (tdpo_lab/methods/).
+    alpha: float = knob_default("alpha")  # TDPO2 / TI-DPO KL weight
+    gamma: float = knob_default("gamma")  # TI-DPO triplet weight
+    lam: float = knob_default("lam")  # TI-DPO gradient/prior mix
+    sigma_div: float = knob_default("sigma_div")  # TI-DPO prior sigma = n / sigma_div
+    triplet_margin: float = knob_default("triplet_margin")
+    importance_span: str = knob_default("importance_span")
+    anchor_max_new_tokens: int = knob_default("anchor_max_new_tokens")
+    anchor_temperature: float = knob_default("anchor_temperature")
+    anchor_top_k: int = knob_default("anchor_top_k")
+    anchor_top_p: float = knob_default("anchor_top_p")
+    attn_layer: int = knob_default("attn_layer")  # AttentionPO judge layer; -1 = last
+    attn_layer_mean: bool = knob_default("attn_layer_mean")
+    attn_fix_sink: bool = knob_default("attn_fix_sink")
     train_steps: int = 240
     batch_size: int = 8  # preference pairs per step
     lr: float = 5e-5
@@ -192,37 +194,18 @@ FAST_OVERRIDES: dict[str, object] = {
 }
 
 
-# Knobs only some methods read. A run of any other method ignores them, so they never split its runs:
-# not in its folder name, not in the check that a resumed run has the same config, not in result groups.
-METHOD_KNOBS: dict[str, tuple[str, ...]] = {
-    "alpha": ("tdpo2", "tidpo"),  # TDPO1's KL term has no alpha
-    **{
-        k: ("tidpo",)
-        for k in (
-            "gamma",
-            "lam",
-            "sigma_div",
-            "triplet_margin",
-            "importance_span",
-            "anchor_max_new_tokens",
-            "anchor_temperature",
-            "anchor_top_k",
-            "anchor_top_p",
-        )
-    },
-    **{k: ("attnpo",) for k in ("attn_layer", "attn_layer_mean", "attn_fix_sink")},
-}
 # Fields that change how fast a run goes, never what it computes.
 RUNTIME_FIELDS = ("num_threads", "device", "cache_dir")
 
 
 def result_fields(config: dict) -> dict:
     """The fields of a config (as a dict) that can change a run's results under its method."""
+    # Knobs only some methods read: a run of any other method ignores them, so they never split its runs
+    # (not in its folder name, not in the check that a resumed run has the same config, not in result groups).
     method = config.get("method")
+    knobs = knob_methods()
     return {
-        k: v
-        for k, v in config.items()
-        if k not in RUNTIME_FIELDS and (k not in METHOD_KNOBS or method in METHOD_KNOBS[k])
+        k: v for k, v in config.items() if k not in RUNTIME_FIELDS and (k not in knobs or method in knobs[k])
     }
 
 
@@ -272,6 +255,9 @@ def config_from_file(path: str | os.PathLike, **overrides) -> Config:
 
 # --- validation ---------------------------------------------------------------------------------
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# every knob a built-in method declares is a Config field (methods registered later are checked on register)
+for _knob in knob_methods():
+    assert _knob in _FIELDS, f"method knob {_knob!r} has no Config field"
 
 
 def _check_keys(overrides: dict) -> None:
@@ -309,7 +295,7 @@ def _validate(cfg: Config) -> None:
             object.__setattr__(cfg, name, float(value))
     checks = [
         (cfg.profile in PROFILES, "profile", f"one of {PROFILES}"),
-        (cfg.method in METHODS, "method", f"one of {METHODS}"),
+        (cfg.method in method_names(), "method", f"one of {method_names()} (registered methods)"),
         (cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'"),
         (cfg.importance_span in ("response", "full"), "importance_span", "'response' or 'full'"),
         (cfg.beta > 0, "beta", "> 0"),

@@ -1,28 +1,25 @@
 """IMDb reviews in, tensors out: loading, cleaning, prompt prefixes and preference-batch collation.
 
-The batch layout is the one of METHODS.md section 1: for B preference pairs the collated batch has
+The batch layout is the one of docs/methods.md section 1: for B preference pairs the collated batch has
 N = 2B rows, rows ``[:B]`` are prompt + chosen and rows ``[B:]`` prompt + rejected, right-padded with
 the EOS token, and ``labels`` equals ``input_ids`` with the prompt and the padding set to -100.
 
-This module also holds the two small helpers that decide whether the Hugging Face hub can be used
-(:func:`hub_status`, :func:`from_pretrained_offline_first`), because every later stage (tokenizer,
-model, reward) must behave the same with and without the hub, and data is the first stage.
+Without a local folder the data comes from the Hugging Face hub, asked only when
+:func:`tdpo_lab.hub.hub_status` says it is reachable.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import re
-import socket
-import threading
-import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from tdpo_lab.hub import hub_status
 
 IMDB_ENV_VAR = "TDPO_LAB_IMDB"
 IMDB_HUB_NAME = "stanfordnlp/imdb"
@@ -47,75 +44,6 @@ class DataError(ValueError):
 
 class DataNotFoundError(DataError, FileNotFoundError):
     """A data folder or split file does not exist (also a FileNotFoundError, so callers may catch either)."""
-
-
-class HubUnavailableError(OSError):
-    """A hub name was asked for, it is not in the local cache and the hub cannot be reached."""
-
-
-# --- the Hugging Face hub, offline first ---------------------------------------------------------
-_TRUE = {"1", "true", "yes", "on"}
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-
-
-def hub_status(timeout: float = 3.0) -> str | None:
-    """``None`` when the Hugging Face hub looks reachable, else a short reason why not.
-
-    The reason is an offline switch (``HF_HUB_OFFLINE=1`` and friends) or the failure of one TCP
-    connection to the hub endpoint (or to the HTTPS proxy, if one is configured) within ``timeout``
-    seconds. Why probe at all: ``huggingface_hub`` retries an unreachable host with back-off for
-    minutes per file, so an offline machine would hang instead of falling back. The probe result is
-    cached per process; the offline switches are read on every call.
-    """
-    for var in _OFFLINE_VARS:
-        if os.environ.get(var, "").strip().lower() in _TRUE:
-            return f"{var}={os.environ[var]} is set"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or ""
-    return _probe(proxy or endpoint, float(timeout))
-
-
-@functools.lru_cache(maxsize=16)
-def _probe(url: str, timeout: float) -> str | None:
-    parsed = urllib.parse.urlparse(url if "://" in url else f"http://{url}")
-    host = parsed.hostname or ""
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    result: list[str | None] = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(None)
-        except OSError as exc:
-            result.append(f"cannot connect to {host}:{port} ({exc})")
-
-    # A thread bounds the DNS lookup too, which socket timeouts do not cover.
-    worker = threading.Thread(target=connect, daemon=True)
-    worker.start()
-    worker.join(timeout + 0.5)
-    return result[0] if result else f"no answer from {host}:{port} within {timeout:.0f} s"
-
-
-def from_pretrained_offline_first(loader: Callable, name: str, *, what: str, **kwargs):
-    """Call ``loader(name, **kwargs)`` (a ``from_pretrained``) from a folder, the local cache, or the hub.
-
-    Order: an existing folder is loaded as is; otherwise the local Hugging Face cache is tried with
-    ``local_files_only=True`` (fast, no network); only if that fails and :func:`hub_status` says the
-    hub is reachable is the hub asked. Raises :class:`HubUnavailableError` naming ``what`` otherwise.
-    """
-    if Path(name).expanduser().is_dir():
-        return loader(str(Path(name).expanduser()), **kwargs)
-    try:
-        return loader(name, local_files_only=True, **kwargs)
-    except Exception as cached_error:  # noqa: BLE001 - any failure means "not usable from the cache"
-        reason = hub_status()
-        if reason is not None:
-            raise HubUnavailableError(
-                f"{what} {name!r} is not a local folder, is not in the local Hugging Face cache, and the hub "
-                f"cannot be used ({reason}). Pass a folder saved with save_pretrained, run once with the hub "
-                f"reachable to fill the cache, or pick the offline option. Cache lookup said: {cached_error}"
-            ) from cached_error
-    return loader(name, **kwargs)
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -347,7 +275,7 @@ def collate_sequences(
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
 
-    rows, p_lens, r_lens = [], [], []
+    kept_prompts, kept_responses = [], []
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
         if not p:
             raise DataError(
@@ -363,27 +291,34 @@ def collate_sequences(
                     "response; raise max_length or shorten the prompt"
                 )
             r = r[:room]
-        rows.append(list(p) + r)
-        p_lens.append(len(p))
-        r_lens.append(len(r))
+        kept_prompts.append(list(p))
+        kept_responses.append(r)
+    batch = collate_ids(kept_prompts, kept_responses, eos)
+    batch["prompt_lengths"] = torch.tensor([len(p) for p in kept_prompts], dtype=torch.long)
+    batch["response_lengths"] = torch.tensor([len(r) for r in kept_responses], dtype=torch.long)
+    return batch
 
+
+def collate_ids(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded ``prompt ids + response ids`` rows from token ids as they are (nothing is tokenised).
+
+    Returns ``input_ids``, ``attention_mask`` and ``labels`` ``[N, T]`` (``torch.long``) laid out as in
+    :func:`collate_sequences`: ``pad_id`` on the right, ``labels`` = ``input_ids`` on the response and
+    -100 on the prompt and the padding. Evaluation scores the exact ids a policy sampled this way
+    (re-tokenising the decoded text could split it differently).
+    """
+    rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
     width = max(len(row) for row in rows)
-    n = len(rows)
-    input_ids = torch.full((n, width), eos, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-    for i, row in enumerate(rows):
-        length = len(row)
-        input_ids[i, :length] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, :length] = 1
-        labels[i, p_lens[i] : length] = input_ids[i, p_lens[i] : length]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "prompt_lengths": torch.tensor(p_lens, dtype=torch.long),
-        "response_lengths": torch.tensor(r_lens, dtype=torch.long),
-    }
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (row, prompt) in enumerate(zip(rows, prompt_ids, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+        labels[i, len(prompt) : len(row)] = input_ids[i, len(prompt) : len(row)]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def collate_preference_batch(
@@ -396,7 +331,7 @@ def collate_preference_batch(
 ):
     """Stack B preference pairs into N = 2B rows: ``[:B]`` prompt + chosen, ``[B:]`` prompt + rejected.
 
-    Same keys, shapes and rules as :func:`collate_sequences` with N = 2B (METHODS.md section 1): both
+    Same keys, shapes and rules as :func:`collate_sequences` with N = 2B (docs/methods.md section 1): both
     halves share one padded length T so that row i and row i + B are the two sides of pair i.
     """
     prompts = _check_texts("prompts", prompts)

@@ -1,4 +1,4 @@
-"""Evaluation of a policy on held-out prompts: reward, KL to the reference, diversity (METHODS section 6).
+"""Evaluation of a policy on held-out prompts: reward, KL to the reference, diversity (docs/methods.md section 6).
 
 One evaluation point of the reward-vs-KL frontier:
 
@@ -17,7 +17,7 @@ One evaluation point of the reward-vs-KL frontier:
 - ``entropy``: mean per-token entropy H(pi_theta(.|s_t)) over all sampled response positions;
   ``distinct2``/``distinct4``: unique n-grams / total n-grams over all samples' tokens.
 - With held-out pairs: ``kl_seq_chosen``/``kl_seq_rejected`` = mean TDPO SeqKL(x, y) =
-  sum_t KL(pi_ref(.|s_t) || pi_theta(.|s_t)) over the response positions of y (METHODS section 1).
+  sum_t KL(pi_ref(.|s_t) || pi_theta(.|s_t)) over the response positions of y (docs/methods.md section 1).
 
 Response positions include the EOS when the policy sampled it (ending the text is one of its actions);
 a sample cut at ``max_new_tokens`` has no EOS. Derived in notebooks/04_dpo_baseline.ipynb (reward and KL);
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tdpo_lab.data import collate_preference_batch
+from tdpo_lab.data import collate_ids, collate_preference_batch
 from tdpo_lab.generation import decode_response, encode_prompts, sample, sample_ids
 from tdpo_lab.logprobs import token_stats
-from tdpo_lab.utils import progress_off
+from tdpo_lab.utils import eval_mode, progress_off
 
 __all__ = [
     "aggregate_samples",
@@ -147,8 +147,7 @@ def evaluate_samples(
         raise ValueError("evaluate_samples needs at least one prompt; pass the held-out prefixes")
     _check_reward(reward)
     eos = tokenizer.eos_token_id
-    modes = _eval_mode(policy, reference)
-    try:
+    with eval_mode(policy, reference):
         responses = sample_ids(
             policy,
             tokenizer,
@@ -187,12 +186,10 @@ def evaluate_samples(
         starts = range(0, len(records), size)
         for start in tqdm(starts, desc="scoring samples", disable=progress_off(progress)):
             chunk = records[start : start + size]
-            batch = _collate_ids([r["_context"] for r in chunk], [r["_response"] for r in chunk], eos)
+            batch = collate_ids([r["_context"] for r in chunk], [r["_response"] for r in chunk], eos)
             out = response_stats(policy, reference, **batch)
             for key in stats:
                 stats[key].append(out[key])
-    finally:
-        _restore_modes(modes)
 
     table = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in records])
     table["n_tokens"] = torch.cat(stats["n_tokens"]).numpy().astype(np.int64)
@@ -214,11 +211,8 @@ def aggregate_samples(samples: pd.DataFrame) -> dict:
     - ``distinct2``, ``distinct4``: :func:`distinct_n` over every sample's ``token_ids``.
     - ``response_tokens``: mean scored positions per sample; ``n_samples``, ``n_prompts``.
     """
-    missing = [
-        c
-        for c in ("prompt_id", "reward", "kl_seq", "kl_logratio", "entropy_sum", "n_tokens", "token_ids")
-        if c not in samples.columns
-    ]
+    needed = ("prompt_id", "reward", "kl_seq", "kl_logratio", "entropy_sum", "n_tokens", "token_ids")
+    missing = [c for c in needed if c not in samples.columns]
     if missing:
         raise ValueError(f"samples table lacks columns {missing}; build it with evaluate_samples")
     if len(samples) == 0:
@@ -266,15 +260,14 @@ def pair_seqkl(
     """Mean TDPO SeqKL of held-out chosen and rejected responses: ``kl_seq_chosen``, ``kl_seq_rejected``.
 
     SeqKL(x, y) = sum over the response positions of prompt+y (+EOS) of KL(pi_ref(.|s_t) || pi_theta(.|s_t))
-    (METHODS section 1), from :func:`tdpo_lab.logprobs.token_stats` (the training losses' own KL), on batches
+    (docs/methods.md section 1), from :func:`tdpo_lab.logprobs.token_stats` (the training losses' own KL), on batches
     of ``batch_size`` pairs collated exactly like the training batches
     (:func:`tdpo_lab.data.collate_preference_batch`; responses longer than the model's context are cut). Under DPO
-    the rejected side is expected to grow faster than the chosen one (TDPO's claim, METHODS section 6).
+    the rejected side is expected to grow faster than the chosen one (TDPO's claim, docs/methods.md section 6).
     """
     _check_pairs(pairs)
-    modes = _eval_mode(policy, reference)
     chosen, rejected = [], []
-    try:
+    with eval_mode(policy, reference):
         starts = range(0, len(pairs), batch_size)
         for start in tqdm(starts, desc="pair SeqKL", disable=progress_off(progress)):
             rows = pairs.iloc[start : start + batch_size]
@@ -287,16 +280,12 @@ def pair_seqkl(
             )
             device = _device(policy)
             policy_logits = _model_logits(policy, batch["input_ids"], batch["attention_mask"])
-            reference_logits = _model_logits(reference, batch["input_ids"], batch["attention_mask"]).to(
-                device
-            )
-            stats = token_stats(policy_logits, reference_logits, batch["labels"].to(device))
+            ref_logits = _model_logits(reference, batch["input_ids"], batch["attention_mask"])
+            stats = token_stats(policy_logits, ref_logits.to(device), batch["labels"].to(device))
             seqkl = stats.kl.double().sum(1).cpu()
             half = len(rows)
             chosen.append(seqkl[:half])
             rejected.append(seqkl[half:])
-    finally:
-        _restore_modes(modes)
     return {
         "kl_seq_chosen": float(torch.cat(chosen).mean()),
         "kl_seq_rejected": float(torch.cat(rejected).mean()),
@@ -374,23 +363,6 @@ def _model_logits(model, input_ids, attention_mask) -> torch.Tensor:
     ).logits
 
 
-def _collate_ids(contexts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
-    """Right-padded ``prompt ids + response ids`` rows; labels -100 on the prompt and the padding.
-
-    The exact ids that were sampled are scored (re-tokenising the decoded text could split it differently).
-    """
-    rows = [c + r for c, r in zip(contexts, responses, strict=True)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (c, r) in enumerate(zip(contexts, responses, strict=True)):
-        input_ids[i, : len(c) + len(r)] = torch.tensor(c + r)
-        attention_mask[i, : len(c) + len(r)] = 1
-        labels[i, len(c) : len(c) + len(r)] = torch.tensor(r)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 def _check_pairs(pairs) -> None:
     if not isinstance(pairs, pd.DataFrame):
         raise TypeError(
@@ -425,15 +397,3 @@ def _stderr_by_prompt(samples: pd.DataFrame, column: str) -> float:
     if len(values) < 2:
         return float("nan")
     return float(values.std(ddof=1) / np.sqrt(len(values)))
-
-
-def _eval_mode(*models) -> list[tuple[object, bool]]:
-    modes = [(m, m.training) for m in models]
-    for m in models:
-        m.eval()
-    return modes
-
-
-def _restore_modes(modes) -> None:
-    for model, training in modes:
-        model.train(training)

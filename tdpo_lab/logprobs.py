@@ -3,7 +3,7 @@
 Every preference loss in the kit is a function of four ``[N, T-1]`` tensors aligned with the shifted labels
 (``logits[:, :-1]`` predicts ``labels[:, 1:]``): the policy's log-probability of each label token, the
 reference's, the KL between the two next-token distributions, and the response mask. :func:`token_stats`
-computes all four from the two models' logits; METHODS.md section 1 gives the formulas.
+computes all four from the two models' logits; docs/methods.md section 1 gives the formulas.
 
 Why a custom autograd Function: the KL is a sum over the whole vocabulary (50,257 entries for GPT-2), and
 the textbook way (the official TDPO code) keeps five full ``[N, T, V]`` tensors alive for backward
@@ -300,7 +300,7 @@ def token_stats(
     unshifted, -100 on prompt and padding. Returns :class:`TokenStats` with fields ``[N, T-1]`` aligned with
     ``labels[:, 1:]`` (``logits[:, :-1]`` predicts ``labels[:, 1:]``), zero where the mask is False.
 
-    Equations (METHODS.md section 1), with z the logits and lse = logsumexp over the vocabulary:
+    Equations (docs/methods.md section 1), with z the logits and lse = logsumexp over the vocabulary:
 
         logp_t = z_theta[y_t] - lse(z_theta)                     (never softmax().log())
         KL_t   = sum_v p_ref(v) (z_ref(v) - z_theta(v)) + lse(z_theta) - lse(z_ref)

@@ -13,7 +13,7 @@ import re
 import torch
 from transformers.utils import logging as hf_logging
 
-from tdpo_lab.data import HubUnavailableError, from_pretrained_offline_first
+from tdpo_lab.hub import HubUnavailableError, from_pretrained_offline_first
 
 # The kit shows its own progress bars; transformers' per-load/per-save bars only clutter notebooks.
 hf_logging.disable_progress_bar()

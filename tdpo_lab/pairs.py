@@ -11,27 +11,22 @@ Derived and run in notebooks/02_preference_pairs.ipynb.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tdpo_lab.config import Config
-from tdpo_lab.data import clean_text, dataset_fingerprint, load_imdb, make_prefixes
+from tdpo_lab.data import clean_text, load_imdb, make_prefixes
 from tdpo_lab.generation import sample
+from tdpo_lab.pipeline import PAIR_FIELDS as PAIR_FIELDS  # re-exported: what the pair key covers
+from tdpo_lab.pipeline import Plan
 from tdpo_lab.reward import get_reward
+from tdpo_lab.stages import fetch
 from tdpo_lab.utils import atomic_path, set_threads
 
 PAIR_COLUMNS = ["prompt_id", "prompt", "chosen", "rejected", "reward_chosen", "reward_rejected"]
-PAIR_FIELDS = (
-    "seed",
-    "pair_prompts",
-    "samples_per_prompt",
-    "max_new_tokens",
-    "min_reward_gap",
-    "reward",
-    "prefix_min_tokens",
-    "prefix_max_tokens",
-)
+PAIRS_FILE, SAMPLES_FILE = "pairs.parquet", "pairs.samples.parquet"  # the files of the pipeline's pairs stage
 
 
 class InvertedPairError(AssertionError):
@@ -75,31 +70,43 @@ def rank_pairs(
     return df
 
 
-def pairs_key(cfg: Config) -> str:
-    from tdpo_lab.sft import sft_key
-
-    train = load_imdb("train", cfg.data_path or None)
-    return cfg.key(*PAIR_FIELDS, extra=[sft_key(cfg), dataset_fingerprint(train)])
+def pairs_key(cfg: Config, *, plan: Plan | None = None) -> str:
+    """Cache key of the pair table (the pipeline's ``pairs`` stage): ``PAIR_FIELDS``, the SFT model, the reward."""
+    return (plan or Plan(cfg)).key("pairs")
 
 
-def pairs_path(cfg: Config):
-    return cfg.cache_path / "pairs" / f"{pairs_key(cfg)}.parquet"
+def pairs_path(cfg: Config, *, plan: Plan | None = None) -> Path:
+    """The cached pair table; every sample with its reward sits beside it (``.samples.parquet``)."""
+    return (plan or Plan(cfg)).entry("pairs").folder / PAIRS_FILE
 
 
-def build_pairs(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
+def build_pairs(cfg: Config, *, progress: bool = True, plan: Plan | None = None) -> pd.DataFrame:
     """Sample, score and rank preference pairs (cached parquet). Also stores every sample's reward.
 
-    Returns the pair table; ``samples_table(cfg)`` gives the per-sample rewards (for histograms).
+    Returns the pair table; ``samples_table(cfg)`` gives the per-sample rewards (for histograms). A
+    damaged cache entry is rebuilt with a warning naming the file.
     """
-    path = pairs_path(cfg)
-    if path.exists():
-        df = pd.read_parquet(path)
-        assert_no_inverted(df)
-        return df
+    plan = plan or Plan(cfg)
+    return fetch(
+        plan.entry("pairs"),
+        lambda folder: _sample_pairs(cfg, folder, progress=progress, plan=plan),
+        _read_pairs,
+        what="pair table cache",
+    )
+
+
+def _read_pairs(folder: Path) -> pd.DataFrame:
+    df = pd.read_parquet(folder / PAIRS_FILE)
+    assert_no_inverted(df)
+    return df
+
+
+def _sample_pairs(cfg: Config, folder: Path, *, progress: bool, plan: Plan) -> None:
+    """Write the pair table and the samples table of ``cfg`` into ``folder``."""
     from tdpo_lab.sft import load_reference
 
     set_threads(cfg.num_threads)
-    model, tokenizer = load_reference(cfg, progress=progress)
+    model, tokenizer = load_reference(cfg, progress=progress, plan=plan)
     train = load_imdb("train", cfg.data_path or None)
     order = np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.pair_prompts]
     texts = [clean_text(train[int(i)]["text"]) for i in order]
@@ -128,19 +135,21 @@ def build_pairs(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
         ],
         columns=["prompt_id", "prompt", "text", "reward"],
     )
-    with atomic_path(path.with_suffix(".samples.parquet")) as tmp:
+    with atomic_path(folder / SAMPLES_FILE) as tmp:
         sample_rows.to_parquet(tmp)
-    with atomic_path(path) as tmp:
+    with atomic_path(folder / PAIRS_FILE) as tmp:
         df.to_parquet(tmp)
-    return df
 
 
-def samples_table(cfg: Config) -> pd.DataFrame:
-    """Every sampled continuation with its reward (built by :func:`build_pairs`)."""
-    path = pairs_path(cfg).with_suffix(".samples.parquet")
-    if not path.exists():
-        build_pairs(cfg)
-    return pd.read_parquet(path)
+def samples_table(cfg: Config, *, plan: Plan | None = None) -> pd.DataFrame:
+    """Every sampled continuation with its reward (built with the pairs by :func:`build_pairs`)."""
+    plan = plan or Plan(cfg)
+    return fetch(
+        plan.entry("pairs"),
+        lambda folder: _sample_pairs(cfg, folder, progress=True, plan=plan),
+        lambda folder: pd.read_parquet(folder / SAMPLES_FILE),
+        what="pair table cache",
+    )
 
 
 def split_pairs(df: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -11,22 +11,17 @@ Two kinds behind one interface, ``RewardModel.score(texts) -> np.ndarray`` of P(
 from __future__ import annotations
 
 import functools
+import json
 import os
-import pickle
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from tdpo_lab.data import (
-    CLEAN_TEXT_VERSION,
-    HubUnavailableError,
-    clean_text,
-    dataset_fingerprint,
-    from_pretrained_offline_first,
-    load_imdb,
-)
+from tdpo_lab.data import CLEAN_TEXT_VERSION, clean_text, load_imdb
+from tdpo_lab.hub import HubUnavailableError, from_pretrained_offline_first
+from tdpo_lab.stages import Entry, Stage, fetch, split_fingerprint
 from tdpo_lab.utils import atomic_path, select_device, stable_hash
 
 # Chosen by 5-fold cross-validation on the 4,000-review train split (never on the test split):
@@ -162,43 +157,101 @@ def _default_cache_dir() -> Path:
     return Config().cache_path  # one definition of the cache root: $TDPO_LAB_CACHE or ~/.cache/tdpo_lab
 
 
-def load_classifier(data_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None):
-    """The offline classifier: loaded from its cache file or trained once and cached (atomic write).
+# The fitted classifier is stored as its parameters (JSON + an npz of plain float arrays), never pickled:
+# unpickling a cache file runs whatever code it names, and sklearn pickles break across versions anyway.
+CLASSIFIER_STAGE = Stage(
+    "reward",
+    fields=("kind", "sklearn"),
+    upstream=("train_data", "test_data"),
+    version=2,
+    extra={"params": CLASSIFIER_PARAMS, "clean": CLEAN_TEXT_VERSION},
+)
 
-    The cache file name carries a hash of the train and test fingerprints, the hyper-parameters and
-    the scikit-learn version, so new data or settings never reuse an old model.
-    """
+
+def classifier_key(data_path: str | os.PathLike | None = None) -> str:
+    """Cache key of the offline classifier: train and test fingerprints, hyper-parameters, sklearn version."""
     import sklearn
 
-    train_ds, test_ds = load_imdb("train", data_path), load_imdb("test", data_path)
-    key = stable_hash(
-        {
-            "train": dataset_fingerprint(train_ds),
-            "test": dataset_fingerprint(test_ds),
-            "params": CLASSIFIER_PARAMS,
-            "sklearn": sklearn.__version__,
-            "clean": CLEAN_TEXT_VERSION,
-            "format": 1,
-        }
+    upstream = {split + "_data": split_fingerprint(split, data_path) for split in ("train", "test")}
+    return CLASSIFIER_STAGE.key({"kind": "classifier", "sklearn": sklearn.__version__}, upstream)
+
+
+def reward_key(kind: str, data_path: str | os.PathLike | None = None) -> str:
+    """What identifies the reward of ``kind``: the classifier's cache key, or the hub name / folder itself."""
+    return classifier_key(data_path) if kind == "classifier" else stable_hash({"reward": kind})
+
+
+def save_classifier(pipeline, accuracy: float, n_test: int, folder: str | os.PathLike) -> None:
+    """Write a fitted TF-IDF + logistic-regression pipeline as ``classifier.json`` + ``classifier.npz``.
+
+    JSON: the hyper-parameters, the vocabulary (terms in index order), accuracy and test size; npz: the
+    idf vector and the logistic regression's coefficients, intercept and classes (numbers only).
+    """
+    vectorizer, logistic = pipeline.steps[0][1], pipeline.steps[-1][1]
+    terms = [""] * len(vectorizer.vocabulary_)
+    for term, index in vectorizer.vocabulary_.items():
+        terms[index] = term
+    folder = Path(folder)
+    meta = {"params": CLASSIFIER_PARAMS, "vocabulary": terms, "accuracy": accuracy, "n_test": n_test}
+    with atomic_path(folder / "classifier.json") as tmp:
+        tmp.write_text(json.dumps(meta, ensure_ascii=False))
+    with atomic_path(folder / "classifier.npz") as tmp:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
+            np.savez(
+                fh,
+                idf=vectorizer.idf_,
+                coef=logistic.coef_,
+                intercept=logistic.intercept_,
+                classes=logistic.classes_,
+            )
+
+
+def read_classifier(folder: str | os.PathLike):
+    """Rebuild the sklearn pipeline written by :func:`save_classifier`; return (pipeline, accuracy, n_test).
+
+    The objects are made as :func:`train_classifier` makes them and given the stored fitted attributes,
+    so the rebuilt pipeline scores exactly like the one that was trained.
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    folder = Path(folder)
+    meta = json.loads((folder / "classifier.json").read_text())
+    with np.load(folder / "classifier.npz", allow_pickle=False) as arrays:
+        idf, coef, intercept, classes = (arrays[k] for k in ("idf", "coef", "intercept", "classes"))
+    p = meta["params"]
+    vectorizer = TfidfVectorizer(
+        ngram_range=tuple(p["ngram_range"]), sublinear_tf=p["sublinear_tf"], min_df=p["min_df"]
     )
-    path = Path(cache_dir or _default_cache_dir()).expanduser() / "reward" / f"classifier-{key}.pkl"
-    state = None
-    if path.is_file():
-        try:
-            with open(path, "rb") as fh:
-                state = pickle.load(fh)  # our own cache file, written below
-        except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, not fatal
-            warnings.warn(f"reward cache {path} could not be read ({exc}); retraining", stacklevel=2)
-    if state is None:
-        pipeline, accuracy = train_classifier(train_ds, test_ds)
-        state = {"pipeline": pipeline, "accuracy": accuracy, "n_test": len(test_ds)}
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    reward = ClassifierReward(state["pipeline"], state["accuracy"], path)
+    vectorizer.vocabulary_ = {term: index for index, term in enumerate(meta["vocabulary"])}
+    vectorizer.idf_ = idf
+    logistic = LogisticRegression(C=p["C"], solver=p["solver"], max_iter=p["max_iter"])
+    logistic.coef_, logistic.intercept_, logistic.classes_ = coef, intercept, classes
+    logistic.n_features_in_ = coef.shape[1]
+    return make_pipeline(vectorizer, logistic), float(meta["accuracy"]), int(meta["n_test"])
+
+
+def load_classifier(data_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None):
+    """The offline classifier: loaded from its cache entry or trained once (~12 s) and cached.
+
+    The entry ``<cache>/reward/<key>/`` is keyed on the train and test fingerprints, the
+    hyper-parameters and the scikit-learn version, so new data or settings never reuse an old model; a
+    damaged entry is retrained with a warning naming the file (:func:`tdpo_lab.stages.fetch`).
+    """
+    root = Path(cache_dir or _default_cache_dir()).expanduser()
+    entry = Entry(root, CLASSIFIER_STAGE.name, classifier_key(data_path))
+
+    def build(folder: Path) -> None:
+        test_ds = load_imdb("test", data_path)
+        pipeline, accuracy = train_classifier(load_imdb("train", data_path), test_ds)
+        save_classifier(pipeline, accuracy, len(test_ds), folder)
+
+    pipeline, accuracy, n_test = fetch(entry, build, read_classifier, what="reward classifier cache")
+    reward = ClassifierReward(pipeline, accuracy, entry.folder)
     print(
         f"reward classifier (TF-IDF 1-2 grams + logistic regression): test accuracy {reward.accuracy:.4f} "
-        f"on {state['n_test']:,} held-out reviews"
+        f"on {n_test:,} held-out reviews"
     )
     if reward.accuracy < MIN_ACCURACY:
         warnings.warn(

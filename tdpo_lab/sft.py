@@ -16,56 +16,32 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from tdpo_lab.config import Config
-from tdpo_lab.data import clean_text, dataset_fingerprint, load_imdb
+from tdpo_lab.data import clean_text, load_imdb
+from tdpo_lab.loop import TrainingLoop, batch_schedule
 from tdpo_lab.models import build_model, load_model
-from tdpo_lab.runs import read_jsonl_tolerant, truncate_jsonl
+from tdpo_lab.pipeline import SFT_FIELDS as SFT_FIELDS  # re-exported: notebook 01 prints it
+from tdpo_lab.pipeline import Plan
+from tdpo_lab.rundir import read_jsonl_tolerant
+from tdpo_lab.stages import CacheError, fetch
 from tdpo_lab.tokenizer import get_tokenizer
 from tdpo_lab.utils import (
-    append_jsonl,
     atomic_path,
-    exclusive_lock,
-    load_training_state,
-    progress_off,
-    save_training_state,
     seed_everything,
     select_device,
     set_threads,
 )
 
-# Everything the SFT model depends on; changing any of these trains a new model.
-SFT_FIELDS = (
-    "profile",
-    "seed",
-    "data_path",
-    "max_train_reviews",
-    "tokenizer",
-    "vocab_size",
-    "model",
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "n_positions",
-    "sft_steps",
-    "sft_batch_size",
-    "sft_block_size",
-    "sft_lr",
-    "sft_warmup_steps",
-    "sft_weight_decay",
-)
+
+def sft_key(cfg: Config, *, plan: Plan | None = None) -> str:
+    """Cache key of the SFT model (the pipeline's ``sft`` stage): ``SFT_FIELDS``, the tokenizer and the data."""
+    return (plan or Plan(cfg)).key("sft")
 
 
-def sft_key(cfg: Config) -> str:
-    """Cache key of the SFT model: its config fields plus the fingerprint of the training data."""
-    train = load_imdb("train", cfg.data_path or None)
-    return cfg.key(*SFT_FIELDS, extra=dataset_fingerprint(train))
-
-
-def sft_dir(cfg: Config) -> Path:
-    """The folder of the SFT stage: ``model/`` when finished, ``checkpoint.pt`` while training."""
-    return cfg.cache_path / "sft" / sft_key(cfg)
+def sft_dir(cfg: Config, *, plan: Plan | None = None) -> Path:
+    """The folder of the SFT stage: ``model/`` and ``history.jsonl`` when finished, ``checkpoint.pt`` while training."""
+    return (plan or Plan(cfg)).entry("sft").folder
 
 
 def pack_blocks(token_lists: list[list[int]], eos_id: int, block_size: int) -> torch.Tensor:
@@ -88,15 +64,6 @@ def _texts(cfg: Config, split: str) -> list[str]:
     if split == "train" and cfg.max_train_reviews:
         texts = texts[: cfg.max_train_reviews]
     return texts
-
-
-def _batch_indices(num_blocks: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Block indices of step ``step``: a seeded permutation per epoch, so a step's batch needs no state."""
-    per_epoch = max(num_blocks // batch_size, 1)
-    epoch, offset = divmod(step, per_epoch)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(num_blocks, generator=gen)
-    return perm[offset * batch_size : (offset + 1) * batch_size]
 
 
 def _lr_lambda(cfg: Config):
@@ -123,20 +90,30 @@ def heldout_loss(model, blocks: torch.Tensor, batch_size: int, device: torch.dev
     return float(sum(losses) / len(losses))
 
 
-def train_sft(cfg: Config, *, progress: bool = True, stop_after: int | None = None) -> Path:
+def train_sft(
+    cfg: Config, *, progress: bool = True, stop_after: int | None = None, plan: Plan | None = None
+) -> Path:
     """Train (or fetch from the cache) the SFT model pi_ref and return its ``save_pretrained`` folder.
 
     ``stop_after`` ends the call after that many steps without finishing (used to test resumption).
-    The training history (step, train_loss, lr, eval_loss) is in ``<folder>/../history.jsonl``.
+    The training history (step, train_loss, lr, eval_loss) is in ``<folder>/../history.jsonl``. The
+    stage is locked (a second process waits, then finds the model done) and checked against its manifest
+    on every call: a damaged model is retrained with a warning naming the file.
     """
-    root = sft_dir(cfg)
-    final = root / "model"
-    if (final / "config.json").exists():
-        return final
-    with exclusive_lock(root / ".lock"):  # a second process waits, then finds the model done
-        if (final / "config.json").exists():
-            return final
-        return _train_sft(cfg, root, progress=progress, stop_after=stop_after)
+    entry = (plan or Plan(cfg)).entry("sft")
+
+    def build(folder: Path) -> bool:
+        done = _train_sft(cfg, folder, progress=progress, stop_after=stop_after)
+        return (done / "config.json").is_file()  # False: stopped early, the checkpoint waits to be resumed
+
+    fetch(entry, build, _model_folder, what="SFT model cache")
+    return entry.folder / "model"
+
+
+def _model_folder(folder: Path) -> Path:
+    if not (folder / "model" / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / 'model' / 'config.json'} is missing")
+    return folder / "model"
 
 
 def _train_sft(cfg: Config, root: Path, *, progress: bool, stop_after: int | None) -> Path:
@@ -161,67 +138,71 @@ def _train_sft(cfg: Config, root: Path, *, progress: bool, stop_after: int | Non
         lr=cfg.sft_lr,
         betas=(0.9, 0.95),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    history_path = root / "history.jsonl"
-    ckpt_path = root / "checkpoint.pt"
-    step = 0
-    if ckpt_path.exists():
-        step = load_training_state(ckpt_path, model, optimizer, scheduler, device)
-        truncate_jsonl(history_path, step)
-        print(f"SFT: resuming from step {step} of {cfg.sft_steps} ({ckpt_path})")
-    else:
-        history_path.unlink(missing_ok=True)
-        append_jsonl(
-            history_path,
-            {"step": 0, "eval_loss": heldout_loss(model, eval_blocks, cfg.sft_batch_size, device)},
-        )
+    loop = TrainingLoop(
+        model,
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg)),
+        total_steps=cfg.sft_steps,
+        checkpoint_path=root / "checkpoint.pt",
+        logs=[root / "history.jsonl"],
+        eval_every=cfg.sft_eval_every,
+        checkpoint_every=cfg.sft_checkpoint_every,
+        max_grad_norm=1.0,
+        desc="SFT",
+    )
+    started, tokens = time.perf_counter(), [0]
+
+    def step_fn(step: int):
+        idx = torch.as_tensor(batch_schedule(len(train_blocks), cfg.sft_batch_size, step, cfg.seed))
+        batch = train_blocks[idx].to(device)
+        tokens[0] += batch.numel()
+        loss = model(input_ids=batch, labels=batch).loss
+        return loss, {"train_loss": loss.item()}
+
+    def held_out(step: int = 0) -> dict:
+        return {"eval_loss": heldout_loss(model, eval_blocks, cfg.sft_batch_size, device)}
 
     model.train()
-    bar = tqdm(total=cfg.sft_steps, initial=step, desc="SFT", disable=progress_off(progress))
-    start_time, tokens = time.perf_counter(), 0
-    steps_this_call = 0
-    while step < cfg.sft_steps:
-        if stop_after is not None and steps_this_call >= stop_after:
-            bar.close()
-            return final
-        batch = train_blocks[_batch_indices(len(train_blocks), cfg.sft_batch_size, step, cfg.seed)].to(device)
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        steps_this_call += 1
-        tokens += batch.numel()
-        record = {"step": step, "train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
-        if step % cfg.sft_eval_every == 0 or step == cfg.sft_steps:
-            record["eval_loss"] = heldout_loss(model, eval_blocks, cfg.sft_batch_size, device)
-        append_jsonl(history_path, record)
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{record['train_loss']:.3f}", tok_s=f"{tokens / (time.perf_counter() - start_time):.0f}"
-        )
-        if step % cfg.sft_checkpoint_every == 0 and step < cfg.sft_steps:
-            save_training_state(ckpt_path, model, optimizer, scheduler, step)
-    bar.close()
+    finished = loop.run(
+        step_fn,
+        on_start=held_out,
+        evaluate=held_out,
+        postfix=lambda r: {
+            "loss": f"{r['train_loss']:.3f}",
+            "tok_s": f"{tokens[0] / (time.perf_counter() - started):.0f}",
+        },
+        progress=progress,
+        stop_after=stop_after,
+        device=device,
+    )
+    if not finished:
+        return final
     with atomic_path(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    ckpt_path.unlink(missing_ok=True)
+    loop.checkpoint_path.unlink(missing_ok=True)
     return final
 
 
 def sft_history(cfg: Config) -> list[dict]:
-    """The SFT training history (one dict per step; ``eval_loss`` at evaluation steps)."""
-    return read_jsonl_tolerant(sft_dir(cfg) / "history.jsonl")[0]
+    """The SFT training history (one dict per step; ``eval_loss`` at evaluation steps).
+
+    While training, the rows written so far; once finished, the checked copy of the stage (a damaged one
+    is a :class:`~tdpo_lab.stages.CacheError` that says how to rebuild it).
+    """
+    entry = Plan(cfg).entry("sft")
+    if entry.sealed and (problem := entry.problem()) is not None:
+        raise CacheError(f"SFT model cache: {problem}. Run train_sft(cfg) to rebuild it")
+    return read_jsonl_tolerant(entry.folder / "history.jsonl")[0]
 
 
-def load_reference(cfg: Config, *, attn_implementation: str | None = None, progress: bool = True):
+def load_reference(
+    cfg: Config, *, attn_implementation: str | None = None, progress: bool = True, plan: Plan | None = None
+):
     """The SFT model (trained first if not cached) and its tokenizer, on the configured device, eval mode."""
     from transformers import AutoTokenizer
 
-    folder = train_sft(cfg, progress=progress)
+    folder = train_sft(cfg, progress=progress, plan=plan)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

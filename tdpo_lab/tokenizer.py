@@ -12,14 +12,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from tdpo_lab.data import (
-    CLEAN_TEXT_VERSION,
-    HubUnavailableError,
-    clean_text,
-    dataset_fingerprint,
-    from_pretrained_offline_first,
-    load_imdb,
-)
+from tdpo_lab.data import clean_text, load_imdb
+from tdpo_lab.hub import HubUnavailableError, from_pretrained_offline_first
+from tdpo_lab.pipeline import Plan
+from tdpo_lab.stages import fetch
 from tdpo_lab.utils import atomic_path, file_sha256
 
 EOS = "<|endoftext|>"
@@ -215,28 +211,29 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os
     return _finish(AutoTokenizer.from_pretrained(str(out_dir)), str(out_dir))
 
 
-def get_tokenizer(cfg):
+def get_tokenizer(cfg, *, plan: Plan | None = None):
     """The tokenizer of a configuration.
 
     ``cfg.tokenizer == "bpe"``: a byte-level BPE of ``cfg.vocab_size`` entries trained once on the cleaned
-    IMDb train split (its first ``cfg.max_train_reviews`` reviews if > 0) and cached under
-    ``cfg.cache_path / "tokenizer" / <key>``, the key covering the vocabulary size, the review count and
-    the data fingerprint. Otherwise ``load_tokenizer(cfg.tokenizer)``.
+    IMDb train split (its first ``cfg.max_train_reviews`` reviews if > 0) and cached as the pipeline's
+    ``tokenizer`` stage (``cfg.cache_path / "tokenizer" / <key>``, the key covering the vocabulary size,
+    the review count and the data fingerprint); a damaged entry is retrained with a warning naming the
+    file. Otherwise ``load_tokenizer(cfg.tokenizer)``. ``plan``: the caller's :class:`~tdpo_lab.pipeline.Plan`.
     """
-    from transformers import AutoTokenizer
-
     if cfg.tokenizer != "bpe":
         return load_tokenizer(cfg.tokenizer)
-    ds = load_imdb("train", cfg.data_path or None)
-    key = cfg.key(
-        "vocab_size",
-        "max_train_reviews",
-        extra={"data": dataset_fingerprint(ds), "clean": CLEAN_TEXT_VERSION, "format": 1},
-    )
-    folder = cfg.cache_path / "tokenizer" / key
-    if (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file():
-        return _finish(AutoTokenizer.from_pretrained(str(folder)), str(folder))
-    texts = list(ds["text"])
-    if cfg.max_train_reviews > 0:
-        texts = texts[: cfg.max_train_reviews]
-    return train_bpe_tokenizer([clean_text(t) for t in texts], cfg.vocab_size, folder)
+
+    def build(folder: Path) -> None:
+        texts = list(load_imdb("train", cfg.data_path or None)["text"])
+        if cfg.max_train_reviews > 0:
+            texts = texts[: cfg.max_train_reviews]
+        train_bpe_tokenizer([clean_text(t) for t in texts], cfg.vocab_size, folder)
+
+    entry = (plan or Plan(cfg)).entry("tokenizer")
+    return fetch(entry, build, _load_saved, what="tokenizer cache")
+
+
+def _load_saved(folder: Path):
+    from transformers import AutoTokenizer
+
+    return _finish(AutoTokenizer.from_pretrained(str(folder)), str(folder))

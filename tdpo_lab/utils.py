@@ -106,6 +106,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@contextlib.contextmanager
+def eval_mode(*models):
+    """The models in eval mode for the block (no dropout noise), each back in its own previous mode after it."""
+    modes = [(m, m.training) for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for model, training in modes:
+            model.train(training)
+
+
 def progress_off(progress: bool = True) -> bool:
     """tqdm's ``disable`` for a call with ``progress``: off when asked, or when ``TQDM_DISABLE`` is set (CI).
 
@@ -126,13 +139,29 @@ def save_training_state(path: str | os.PathLike, model, optimizer, scheduler, st
         torch.save(state, tmp)
 
 
+class CheckpointError(RuntimeError):
+    """A training checkpoint cannot be read (the message names the file and what to do)."""
+
+
 def load_training_state(path: str | os.PathLike, model, optimizer, scheduler, device=None) -> int:
-    """Restore a :func:`save_training_state` checkpoint into the given objects; return its step."""
-    state = torch.load(path, map_location=device, weights_only=False)  # our own file, written above
+    """Restore a :func:`save_training_state` checkpoint into the given objects; return its step.
+
+    Read with ``weights_only=True``: tensors, numbers, strings and containers only, never arbitrary
+    pickled objects (the state dicts of the model, AdamW and LambdaLR hold nothing else). A damaged
+    file is a :class:`CheckpointError` naming it: deleting it restarts that training from step 0.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        step = int(state["step"])
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file and the remedy
+        raise CheckpointError(
+            f"the checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); delete it to start "
+            "that training again from step 0"
+        ) from exc
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    return step
 
 
 @contextlib.contextmanager

@@ -10,18 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from tdpo_lab import data
 from tdpo_lab.data import (
     IGNORE_INDEX,
     DataError,
     DataNotFoundError,
-    HubUnavailableError,
     clean_text,
+    collate_ids,
     collate_preference_batch,
     collate_sequences,
     dataset_fingerprint,
-    from_pretrained_offline_first,
-    hub_status,
     load_imdb,
     make_prefixes,
 )
@@ -149,62 +146,6 @@ def test_no_path_no_env_no_hub_says_all_three(monkeypatch):
     assert "failed" in message and info.value.__cause__ is not None
 
 
-# --- the hub helpers ------------------------------------------------------------------------------
-def test_hub_status_offline_switch(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert "HF_HUB_OFFLINE" in hub_status()
-
-
-def test_hub_status_unreachable_endpoint(monkeypatch):
-    for var in (
-        "HF_HUB_OFFLINE",
-        "TRANSFORMERS_OFFLINE",
-        "HF_DATASETS_OFFLINE",
-        "HTTPS_PROXY",
-        "https_proxy",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
-    data._probe.cache_clear()
-    try:
-        reason = hub_status(timeout=2.0)
-    finally:
-        data._probe.cache_clear()
-    assert reason is not None and "127.0.0.1:9" in reason
-
-
-def test_from_pretrained_offline_first_order(tmp_path, monkeypatch):
-    calls = []
-
-    def cached_loader(name, **kwargs):
-        calls.append((name, kwargs))
-        return "model"
-
-    assert from_pretrained_offline_first(cached_loader, "org/name", what="model", x=1) == "model"
-    assert calls == [("org/name", {"local_files_only": True, "x": 1})]  # cache first, no network
-
-    calls.clear()
-    assert from_pretrained_offline_first(cached_loader, str(tmp_path), what="model") == "model"
-    assert calls == [(str(tmp_path), {})]  # a folder is loaded as is
-
-    def uncached_loader(name, **kwargs):
-        calls.append((name, kwargs))
-        if kwargs.get("local_files_only"):
-            raise OSError("not in cache")
-        return "from hub"
-
-    calls.clear()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(HubUnavailableError, match=r"model 'org/name'.*HF_HUB_OFFLINE"):
-        from_pretrained_offline_first(uncached_loader, "org/name", what="model")
-    assert len(calls) == 1  # the hub was never asked
-
-    calls.clear()
-    monkeypatch.setattr(data, "hub_status", lambda timeout=3.0: None)  # pretend the hub is reachable
-    assert from_pretrained_offline_first(uncached_loader, "org/name", what="model") == "from hub"
-    assert calls[-1] == ("org/name", {})
-
-
 # --- cleaning -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("raw", "clean"),
@@ -318,7 +259,7 @@ def test_make_prefixes_bad_input(gpt2_tokenizer, texts, kwargs, match):
 
 # --- collation ------------------------------------------------------------------------------------
 def _naive_rows(tokenizer, prompts, responses, max_length=None):
-    """Reference collation, one row at a time, straight from METHODS.md section 1."""
+    """Reference collation, one row at a time, straight from docs/methods.md section 1."""
     eos = tokenizer.eos_token_id
     rows = []
     for prompt, response in zip(prompts, responses, strict=True):
@@ -376,6 +317,16 @@ def test_collate_sequences_underlies_the_preference_batch(gpt2_tokenizer):
     b = collate_sequences(gpt2_tokenizer, PROMPTS + PROMPTS, CHOSEN + REJECTED)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_collate_ids_is_collate_sequences_on_token_ids(gpt2_tokenizer):
+    eos = gpt2_tokenizer.eos_token_id
+    full = collate_sequences(gpt2_tokenizer, PROMPTS, CHOSEN)
+    encode = lambda texts: gpt2_tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    got = collate_ids(encode(PROMPTS), [ids + [eos] for ids in encode(CHOSEN)], eos)
+    assert list(got) == ["input_ids", "attention_mask", "labels"]
+    for key, value in got.items():
+        assert torch.equal(value, full[key]), key
 
 
 def test_collate_random_batches_match_reference(gpt2_tokenizer):

@@ -1,4 +1,5 @@
-"""Tests for tdpo_lab.importance: TI-DPO hybrid weights and AttentionPO attention weights.
+"""Tests for TI-DPO's hybrid weights (tdpo_lab.methods.tidpo_importance) and AttentionPO's attention
+weights (tdpo_lab.methods.attnpo_judge).
 
 Every check compares against a naive reference (python loops, math.exp, per-row recomputation) or an
 identity that a wrong implementation breaks. The tokenizer is a tiny byte-level BPE trained here, so these
@@ -21,17 +22,19 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from tdpo_lab.importance import (
+from tdpo_lab.methods.attnpo_judge import (
     JUDGE_TEMPLATE,
     align_weights,
     attention_to_weights,
     attention_weights,
     fix_attention_sink,
+    judge_text,
+)
+from tdpo_lab.methods.tidpo_importance import (
     gaussian_prior,
     gradient_importance,
     gradient_saliency,
     hybrid_weights,
-    judge_text,
     shift_to_labels,
 )
 
@@ -642,7 +645,7 @@ def test_saliency_from_an_existing_graph_equals_gradient_saliency():
     """The training loop reads TI-DPO's attribution off its own forward pass: it must equal the standalone one."""
     from toy import make_model, make_tokenizer
 
-    from tdpo_lab.importance import saliency_from_graph
+    from tdpo_lab.methods.tidpo_importance import saliency_from_graph
 
     tok = make_tokenizer()
     model = make_model(tok, seed=4)

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tdpo_lab.config import METHODS
 from tdpo_lab.logprobs import TokenStats, token_stats
-from tdpo_lab.losses import LossOutput, left_align, preference_loss, triplet_loss
+from tdpo_lab.methods import LossOutput, get_method, left_align, method_names, preference_loss, triplet_loss
+
+METHODS = method_names()  # every registered method: a new built-in method needs its naive formula below
 
 B, T1 = 3, 6  # pairs, shifted length
 
@@ -31,7 +32,7 @@ def make_stats(seed=0, dtype=torch.float64):
 
 
 def naive_loss(method, stats, beta, alpha, weights):
-    """The METHODS.md section 3 table written out pair by pair, position by position."""
+    """The docs/methods.md section 3 table written out pair by pair, position by position."""
     logps, ref, kl, mask = stats
     w = weights if method in ("attnpo", "tidpo") else torch.ones_like(logps)
     losses, metrics = [], {k: 0.0 for k in ("rw", "rl", "acc", "lw", "ll", "kw", "kl", "tw", "tl", "tacc")}
@@ -43,13 +44,18 @@ def naive_loss(method, stats, beta, alpha, weights):
         win, lose = i, i + B
         u = seq(win, w * (logps - ref)) - seq(lose, w * (logps - ref))
         kl_w, kl_l = seq(win, kl), seq(lose, kl)
-        if method == "dpo" or method == "attnpo":
+        if method in ("dpo", "attnpo", "ipo"):
             z = u
         elif method == "tdpo1":
             z = u - (kl_l - kl_w)
-        else:  # tdpo2, tidpo: the chosen SeqKL is a constant baseline
+        elif method in ("tdpo2", "tidpo"):  # the chosen SeqKL is a constant baseline
             z = u - alpha * (kl_l - kl_w.detach())
-        losses.append(-F.logsigmoid(beta * z))
+        else:
+            raise NotImplementedError(f"write the naive formula of {method!r} here")
+        if method == "ipo":  # IPO Eq. 17: (h - 1/(2 tau))^2 with tau = beta
+            losses.append((z - 1.0 / (2.0 * beta)) ** 2)
+        else:
+            losses.append(-F.logsigmoid(beta * z))
         rw, rl = beta * seq(win, w * (logps - ref)), beta * seq(lose, w * (logps - ref))
         tw = beta * (seq(win, logps - ref) + kl_w)
         tl = beta * (seq(lose, logps - ref) + kl_l)
@@ -83,7 +89,7 @@ def naive_loss(method, stats, beta, alpha, weights):
 
 
 def call(method, stats, weights, **kw):
-    return preference_loss(method, stats, weights=weights if method in ("attnpo", "tidpo") else None, **kw)
+    return preference_loss(method, stats, weights=weights if get_method(method).weighted else None, **kw)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -108,7 +114,8 @@ def test_matches_naive_value_gradient_and_metrics(method, beta, alpha):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_all_methods_are_ln2_when_policy_is_reference(method):
+def test_all_methods_start_at_their_zero_margin_value_when_policy_is_reference(method):
+    """At pi_theta = pi_ref every sigmoid loss is ln 2; IPO's is its squared target (1 / (2 beta))^2."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2 * B, T1 + 1, 17, generator=gen)
     labels = torch.randint(0, 17, (2 * B, T1 + 1), generator=gen)
@@ -116,8 +123,9 @@ def test_all_methods_are_ln2_when_policy_is_reference(method):
     stats = token_stats(logits, logits, labels)
     weights = torch.rand(2 * B, T1, generator=gen) + 0.5
     out = call(method, stats, weights)
-    torch.testing.assert_close(out.loss, torch.tensor(math.log(2.0)), rtol=0, atol=1e-7)
-    assert out.metrics["loss"] == pytest.approx(math.log(2.0), abs=1e-7)
+    start = (1.0 / (2.0 * 0.1)) ** 2 if method == "ipo" else math.log(2.0)
+    torch.testing.assert_close(out.loss, torch.tensor(start), rtol=0, atol=1e-6)
+    assert out.metrics["loss"] == pytest.approx(start, abs=1e-6)
     # equal rewards are not "accurate" (TRL counts chosen > rejected strictly)
     assert out.metrics["rewards/margins"] == 0.0 and out.metrics["rewards/accuracies"] == 0.0
 
@@ -183,8 +191,8 @@ def test_masked_positions_never_matter():
 
 def test_bad_arguments_are_clear_errors():
     stats, weights = make_stats()
-    with pytest.raises(ValueError, match="unknown method 'ipo'"):
-        preference_loss("ipo", stats)
+    with pytest.raises(ValueError, match="unknown method 'simpo'"):
+        preference_loss("simpo", stats)
     odd = TokenStats(*(f[:5] for f in stats))
     with pytest.raises(ValueError, match="even number of rows"):
         preference_loss("dpo", odd)

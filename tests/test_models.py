@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tdpo_lab.config import load_config
-from tdpo_lab.data import HubUnavailableError
+from tdpo_lab.hub import HubUnavailableError
 from tdpo_lab.models import ModelError, build_model, disable_dropout, load_model, small_gpt2_config
 
 

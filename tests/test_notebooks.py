@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tdpo_lab.cli import NOTEBOOKS
+from tdpo_lab.chapters import NOTEBOOKS
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 TRAINING_PARAMETERS = {

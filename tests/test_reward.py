@@ -69,8 +69,7 @@ def test_score_bad_input(classifier, texts, match):
 def test_cached_classifier_is_reused_and_prints_accuracy(
     imdb_path, reward_cache, classifier, monkeypatch, capsys
 ):
-    files = list((reward_cache / "reward").glob("classifier-*.pkl"))
-    assert len(files) == 1
+    assert len(_entries(reward_cache)) == 1
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached classifier should have been used")
@@ -80,6 +79,25 @@ def test_cached_classifier_is_reused_and_prints_accuracy(
     assert f"test accuracy {classifier.accuracy:.4f}" in capsys.readouterr().out
     texts = ["fine film", "terrible film"]
     np.testing.assert_array_equal(again.score(texts), classifier.score(texts))
+
+
+def _entries(cache) -> list:
+    """The finished classifier entries under a cache root (folders with a manifest)."""
+    return [p for p in (cache / "reward").iterdir() if (p / "manifest.json").is_file()]
+
+
+def test_reloaded_classifier_scores_exactly_like_the_trained_one(imdb_path, tmp_path):
+    from tdpo_lab.data import clean_text
+
+    train, test = load_imdb("train", imdb_path).select(range(400)), load_imdb("test", imdb_path)
+    trained, accuracy = reward_mod.train_classifier(train, test)
+    reward_mod.save_classifier(trained, accuracy, len(test), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.json", "classifier.npz"]
+    reloaded, accuracy_again, n_test = reward_mod.read_classifier(tmp_path)
+    assert (accuracy_again, n_test) == (accuracy, len(test))
+    texts = [clean_text(t) for t in test["text"]] + ["", "great great film", "awful"]
+    np.testing.assert_array_equal(reloaded.predict_proba(texts), trained.predict_proba(texts))
+    np.testing.assert_array_equal(reloaded.predict(texts), trained.predict(texts))
 
 
 @pytest.fixture
@@ -97,24 +115,23 @@ def test_cache_key_follows_the_data(imdb_path, subset_folder, classifier, tmp_pa
     import shutil
 
     cache = tmp_path / "cache"
-    (cache / "reward").mkdir(parents=True)
-    shutil.copy(classifier.path, cache / "reward" / classifier.path.name)
+    shutil.copytree(classifier.path, cache / "reward" / classifier.path.name)
     with pytest.warns(UserWarning, match="below 0.85"):  # 300 reviews are too few for a good judge
         small = load_reward("classifier", data_path=subset_folder, cache_dir=cache)
     assert "test accuracy" in capsys.readouterr().out
-    assert small.path != classifier.path and small.path.is_file()
+    assert small.path != classifier.path and (small.path / "manifest.json").is_file()
     monkeypatch.setattr(reward_mod, "train_classifier", None)  # from here on, training would crash
     assert load_reward("classifier", data_path=imdb_path, cache_dir=cache).accuracy == classifier.accuracy
     assert load_reward("classifier", data_path=subset_folder, cache_dir=cache).accuracy == small.accuracy
-    assert len(list((cache / "reward").glob("classifier-*.pkl"))) == 2
+    assert len(_entries(cache)) == 2
 
 
 @pytest.mark.filterwarnings("ignore:the reward classifier's test accuracy")
 def test_damaged_cache_is_rebuilt(subset_folder, tmp_path):
     with pytest.warns(UserWarning, match="below 0.85"):
         first = load_reward("classifier", data_path=subset_folder, cache_dir=tmp_path / "cache")
-    first.path.write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="could not be read"):
+    (first.path / "classifier.npz").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match=r"classifier\.npz is truncated or altered"):
         rebuilt = load_reward("classifier", data_path=subset_folder, cache_dir=tmp_path / "cache")
     assert rebuilt.accuracy == first.accuracy
     leftovers = [p for p in first.path.parent.iterdir() if p.name.startswith(".")]
@@ -124,8 +141,7 @@ def test_damaged_cache_is_rebuilt(subset_folder, tmp_path):
 def test_default_cache_root_is_the_environment(imdb_path, tmp_cache, classifier, reward_cache):
     import shutil
 
-    (tmp_cache / "reward").mkdir()
-    shutil.copy(classifier.path, tmp_cache / "reward" / classifier.path.name)  # skip retraining
+    shutil.copytree(classifier.path, tmp_cache / "reward" / classifier.path.name)  # skip retraining
     r = load_reward("classifier", data_path=imdb_path)
     assert r.path.parent == tmp_cache / "reward"
 

@@ -1,48 +1,34 @@
-"""Token weights for the weighted preference losses: TI-DPO's hybrid importance and AttentionPO's attention.
+"""AttentionPO's judge weights (TwDPO, Huang et al., "Token-weighted Direct Preference Optimization with
+Attention", arXiv 2605.21883).
 
-Two ways of saying which response tokens matter, both producing one weight per token, normalised so that
-uniform importance gives weight 1 everywhere (then the weighted losses reduce to the unweighted ones):
+The frozen reference model is asked, in plain text, which of two continuations is better; the attention of
+the last token of that question on each continuation's tokens becomes its weights (:func:`attention_weights`),
+with the attention-sink fix (:func:`fix_attention_sink`). Computed once per pair before training.
+Normalised so that uniform attention gives weight 1 everywhere (the loss then reduces to DPO's).
+docs/methods.md section 5. Derived in notebooks/07_attention_po.ipynb.
 
-- :func:`gradient_importance` (TI-DPO, Yang et al., arXiv 2505.19653, Eqs. 5-7 of the ICLR 2026 version):
-  the L1 norm of the gradient of the largest last-position logit with respect to each input embedding,
-  mixed with a Gaussian prior over the span. Recomputed from the current policy at every step; a constant
-  for the loss. METHODS.md section 4. Derived in notebooks/06_ti_dpo.ipynb.
-- :func:`attention_weights` (AttentionPO / TwDPO, Huang et al., arXiv 2605.21883): the frozen reference
-  model is asked, in plain text, which of two continuations is better; the attention of the last token of
-  that question on each continuation's tokens becomes its weights. Computed once per pair. METHODS.md
-  section 5. Derived in notebooks/07_attention_po.ipynb.
-
-Both are re-implementations from the papers' descriptions; no code of the official repositories
-(gracefulning/TIDPO, HCY123902/AttentionPO) is used.
-
-Grids. A batch row has T input positions; per-token loss tensors have T-1 positions aligned with the shifted
-labels: the label at position t-1 is the token at index t (``logits[:, :-1]`` predicts ``labels[:, 1:]``).
-:func:`gradient_importance` returns weights on the input grid ``[N, T]``; :func:`shift_to_labels` moves them
-to the label grid ``[N, T-1]``. :func:`align_weights` puts AttentionPO's per-response weights directly onto
-the label grid of a ``collate_preference_batch`` output.
+A re-implementation from the paper's description; no code of the official repository is used.
+:func:`align_weights` puts the per-response weights onto the label grid ``[N, T-1]`` of a
+``collate_preference_batch`` output.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
+
+from tdpo_lab.methods._common import abbrev, eval_mode, model_device
 
 __all__ = [
     "JUDGE_TEMPLATE",
     "SINK_MIN_LENGTH",
     "align_weights",
-    "attention_weights",
     "attention_to_weights",
+    "attention_weights",
     "fix_attention_sink",
-    "gaussian_prior",
-    "gradient_importance",
-    "gradient_saliency",
-    "hybrid_weights",
     "judge_text",
-    "shift_to_labels",
 ]
 
 # The AttentionPO judge prompt, adapted to a base language model without a chat template (GPT-2). The
@@ -59,249 +45,11 @@ JUDGE_TEMPLATE = (
     "Which continuation is more positive and fluent, A or B? Answer:"
 )
 
-# The attention-sink fix is applied only to responses of at least this many tokens (METHODS section 5.5).
+# The attention-sink fix is applied only to responses of at least this many tokens (docs/methods.md section 5.5).
 SINK_MIN_LENGTH = 5
 
 _SLOTS = ("{prompt}", "{answer_a}", "{answer_b}")
 _ASCII_SPACE = " \t\n\r\x0b\x0c"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Shared helpers
-# ---------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode (no dropout) and restore each one's own flag afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        # Restore per module, not just model.train(flag): a caller may have frozen parts in eval mode.
-        for module, flag in modes:
-            module.training = flag
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _abbrev(text: str, width: int = 60) -> str:
-    return repr(text if len(text) <= width else text[: width // 2] + " ... " + text[-width // 2 :])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# TI-DPO: gradient attribution + Gaussian prior
-# ---------------------------------------------------------------------------------------------------------
-
-
-def gaussian_prior(n: int, sigma_div: float = 4.0, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """TI-DPO's positional prior over a span of ``n`` tokens, normalised to sum 1.
-
-    P(t) = exp(-0.5 ((t - mu) / sigma)^2), t = 0..n-1, mu = (n-1)/2, sigma = n / sigma_div, then P / sum P
-    (arXiv 2505.19653, Gaussian prior of Eq. 7; the paper takes sigma = n/4, the shipped config n/8).
-
-    Returns a ``[n]`` tensor. ``n = 1`` gives ``[1.0]``.
-    """
-    if n < 1:
-        raise ValueError(f"gaussian_prior needs a span of at least one token, got n={n}.")
-    if not sigma_div > 0:
-        raise ValueError(f"sigma_div must be > 0 (sigma = n / sigma_div), got {sigma_div}.")
-    t = torch.arange(n, dtype=dtype)
-    mu = (n - 1) / 2
-    sigma = n / sigma_div
-    p = torch.exp(-0.5 * ((t - mu) / sigma) ** 2)
-    return p / p.sum()
-
-
-def gradient_saliency(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """Raw TI-DPO attribution I_t = || d target / d e_t ||_1 for every input position.
-
-    target = max_v logits[last real position, v] (arXiv 2505.19653 Eq. 5), I_t = L1 norm over the hidden size
-    of its gradient with respect to the input embedding e_t (Eq. 6). The model runs with
-    ``inputs_embeds`` = its own embeddings of ``input_ids``, detached and requiring grad, in eval mode (its
-    previous train/eval flags are restored afterwards). Only the embeddings receive a gradient
-    (``torch.autograd.grad``): the model's parameters never accumulate ``.grad``.
-
-    Rows are independent (no cross-row interaction in a transformer in eval mode), so one backward pass of
-    the sum of the per-row targets gives every row's gradient at once.
-
-    Args:
-        model: a causal LM with ``get_input_embeddings()`` and ``model(inputs_embeds=, attention_mask=).logits``.
-        input_ids: ``[N, T]`` token ids.
-        attention_mask: ``[N, T]`` 1 on real tokens, 0 on padding; each row needs at least one real token.
-
-    Returns:
-        ``[N, T]`` float32 tensor (no grad), 0 is possible anywhere (e.g. positions after the target).
-    """
-    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"input_ids and attention_mask must both be [N, T]; got {tuple(input_ids.shape)} and "
-            f"{tuple(attention_mask.shape)}."
-        )
-    real = attention_mask.bool()
-    if not bool(real.any(dim=1).all()):
-        raise ValueError(
-            "every row of attention_mask needs at least one real token (a 1); found an empty row."
-        )
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "gradient_saliency needs autograd but torch.inference_mode() is active; call it outside "
-            "inference_mode (torch.no_grad() is fine: it is overridden locally)."
-        )
-    with _eval_mode(model), torch.enable_grad():
-        embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-        out = model(inputs_embeds=embeds, attention_mask=attention_mask)
-        logits = getattr(out, "logits", None)
-        if logits is None:
-            raise TypeError("the model's output has no .logits; gradient_saliency needs a causal LM output.")
-        return saliency_from_graph(logits, embeds, attention_mask)
-
-
-def saliency_from_graph(
-    logits: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor, *, retain_graph: bool = False
-) -> torch.Tensor:
-    """TI-DPO attribution from a forward pass already made with ``inputs_embeds=embeds``: ``[N, T]``, no grad.
-
-    The training loop runs the policy once with ``inputs_embeds`` and reads both the loss and the weights off
-    that one graph (``retain_graph=True`` keeps it for the loss's backward), which saves TI-DPO a forward
-    pass per step. Only ``embeds`` receives this gradient; parameters are untouched. Equal to
-    :func:`gradient_saliency` when the model has no dropout.
-    """
-    n_rows, n_pos = attention_mask.shape
-    real = attention_mask.bool()
-    positions = torch.arange(n_pos, device=logits.device).expand(n_rows, n_pos)
-    # The last real position of each row (works for right or left padding).
-    last = torch.where(real, positions, torch.full_like(positions, -1)).max(dim=1).values
-    target = logits[torch.arange(n_rows, device=logits.device), last].max(dim=-1).values  # Eq. 5, [N]
-    (grad,) = torch.autograd.grad(target.sum(), embeds, retain_graph=retain_graph)
-    saliency = grad.detach().abs().sum(dim=-1).float()  # Eq. 6, [N, T]
-    if not bool(torch.isfinite(saliency).all()):
-        raise FloatingPointError(
-            "the embedding gradient contains NaN or inf; check the model's logits (fp16 overflow?) before "
-            "computing TI-DPO weights."
-        )
-    return saliency
-
-
-def hybrid_weights(
-    saliency: torch.Tensor, span_mask: torch.Tensor, *, lam: float = 0.7, sigma_div: float = 4.0
-) -> torch.Tensor:
-    """Mix attribution and Gaussian prior on each row's span; mean 1 on the span, 0 off it.
-
-    On a span of n tokens (``span_mask`` True; t = rank of the position within the span, 0..n-1):
-    I_norm = I / sum_span I, P = :func:`gaussian_prior` (n, sigma_div), W = lam I_norm + (1 - lam) P
-    (arXiv 2505.19653 Eq. 7), then W * n / sum W so the weights average 1 over the span. A span of length 1
-    gets weight 1; a span whose attribution is all zero falls back to the prior (W = P). Rows with an empty
-    span are all zero.
-
-    Args:
-        saliency: ``[N, T]`` non-negative attribution (:func:`gradient_saliency`).
-        span_mask: ``[N, T]`` bool, the positions that receive weights (kit default: the response tokens).
-        lam: mix in [0, 1]; 1 = attribution only, 0 = prior only.
-        sigma_div: prior sigma = n / sigma_div.
-
-    Returns:
-        ``[N, T]`` float32 weights.
-    """
-    if saliency.dim() != 2 or span_mask.shape != saliency.shape:
-        raise ValueError(
-            f"saliency and span_mask must both be [N, T]; got {tuple(saliency.shape)} and {tuple(span_mask.shape)}."
-        )
-    if span_mask.dtype != torch.bool:
-        raise TypeError(f"span_mask must be a bool tensor, got {span_mask.dtype}; pass e.g. labels != -100.")
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1] (the attribution/prior mix), got {lam}.")
-    if not sigma_div > 0:
-        raise ValueError(f"sigma_div must be > 0 (sigma = n / sigma_div), got {sigma_div}.")
-    if bool((saliency < 0).any()) or not bool(torch.isfinite(saliency).all()):
-        raise ValueError("saliency must be finite and non-negative (an L1 norm of gradients).")
-
-    span = span_mask
-    s64 = torch.where(span, saliency.double(), torch.zeros((), dtype=torch.float64, device=saliency.device))
-    n = span.sum(dim=1, keepdim=True)  # [N, 1]
-    n64 = n.double()
-    rank = (span.long().cumsum(dim=1) - 1).double()  # position within the span, 0..n-1
-    mu = (n64 - 1) / 2
-    sigma = (n64 / sigma_div).clamp_min(1e-12)  # clamp only guards empty rows (n = 0), masked below
-    prior = torch.where(span, torch.exp(-0.5 * ((rank - mu) / sigma) ** 2), torch.zeros_like(s64))
-    prior = prior / prior.sum(dim=1, keepdim=True).clamp_min(1e-300)
-
-    total = s64.sum(dim=1, keepdim=True)
-    use_grad = (total > 0) & (n > 1)  # fallbacks: span of length <= 1, or all-zero gradient -> prior
-    i_norm = s64 / total.clamp_min(1e-300)
-    mixed = torch.where(use_grad, lam * i_norm + (1 - lam) * prior, prior)
-    # Both terms sum to 1, so mixed sums to 1; renormalising explicitly keeps the mean exactly 1.
-    weights = mixed * n64 / mixed.sum(dim=1, keepdim=True).clamp_min(1e-300)
-    return torch.where(span, weights, torch.zeros_like(weights)).float()
-
-
-def gradient_importance(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    span_mask: torch.Tensor,
-    *,
-    lam: float = 0.7,
-    sigma_div: float = 4.0,
-) -> torch.Tensor:
-    """TI-DPO's hybrid token weights on the input grid: mean 1 over each row's span, 0 elsewhere.
-
-    W = span-normalised mix of lam * I_norm + (1 - lam) * Gaussian prior (arXiv 2505.19653 Eqs. 5-7; METHODS.md
-    section 4): :func:`gradient_saliency` then :func:`hybrid_weights`. The result carries no gradient, the
-    model's parameters receive none, and the model's train/eval mode is restored.
-
-    To weight the per-token losses, move the result to the label grid with :func:`shift_to_labels`
-    (weight of token t -> label position t-1). With ``span_mask = labels != -100`` (response tokens including
-    the EOS), ``shift_to_labels(W)`` is non-zero exactly on ``TokenStats.mask`` and averages 1 there.
-
-    Args:
-        model: causal LM (see :func:`gradient_saliency`).
-        input_ids, attention_mask: ``[N, T]``.
-        span_mask: ``[N, T]`` bool, within the real tokens.
-        lam: attribution/prior mix (paper 0.7, shipped config 0.2).
-        sigma_div: prior sigma = n / sigma_div (paper 4, shipped config 8).
-
-    Returns:
-        ``[N, T]`` float32 tensor on ``input_ids.device``.
-
-    Derived in notebooks/06_ti_dpo.ipynb.
-    """
-    if span_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"span_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(span_mask.shape)}."
-        )
-    if span_mask.dtype != torch.bool:
-        raise TypeError(f"span_mask must be a bool tensor, got {span_mask.dtype}; pass e.g. labels != -100.")
-    if bool((span_mask & ~attention_mask.bool()).any()):
-        raise ValueError(
-            "span_mask marks padding positions (attention_mask 0); the span must lie on real tokens."
-        )
-    saliency = gradient_saliency(model, input_ids, attention_mask)
-    return hybrid_weights(saliency, span_mask.to(saliency.device), lam=lam, sigma_div=sigma_div)
-
-
-def shift_to_labels(weights: torch.Tensor) -> torch.Tensor:
-    """Move per-token weights from the input grid ``[N, T]`` to the shifted label grid ``[N, T-1]``.
-
-    The label at position t-1 is the token at index t (``logits[:, :-1]`` predicts ``labels[:, 1:]``), so the
-    weight of token t lands on position t-1: ``weights[:, 1:]``. The weight of token 0 has no label position and
-    is dropped (with a response span it is always 0, since a prompt token comes first).
-    """
-    if weights.dim() != 2 or weights.shape[1] < 2:
-        raise ValueError(f"weights must be [N, T] with T >= 2, got {tuple(weights.shape)}.")
-    return weights[:, 1:]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# AttentionPO: attention of a self-judging prompt
-# ---------------------------------------------------------------------------------------------------------
 
 
 def _slot(text: str) -> str:
@@ -323,7 +71,7 @@ def judge_text(
     if any(i < 0 for i in where) or any(template.count(s) != 1 for s in _SLOTS) or where != sorted(where):
         raise ValueError(
             "the judge template must contain {prompt}, {answer_a} and {answer_b} exactly once each, in this "
-            f"order; got {_abbrev(template, 120)}."
+            f"order; got {abbrev(template, 120)}."
         )
     pieces: list[str] = []
     spans: list[tuple[int, int]] = []
@@ -392,7 +140,7 @@ def _locate(enc, span: tuple[int, int], expected: list[int], which: str, respons
     got = [ids[i] for i in inside]
     if straddle or not contiguous or got != expected:
         raise ValueError(
-            f"cannot locate the {which} response {_abbrev(response)} in the judge text: its judge tokens {got} "
+            f"cannot locate the {which} response {abbrev(response)} in the judge text: its judge tokens {got} "
             f"differ from tokenizer(response, add_special_tokens=False) = {expected}"
             + (" (a token crosses the response boundary)" if straddle else "")
             + ". AttentionPO weights must map one-to-one onto the training tokens; use a GPT-2-style byte-level "
@@ -406,8 +154,8 @@ def _last_token_attention(
     judge_model: torch.nn.Module, input_ids: list[int], layer: int, layer_mean: bool
 ) -> torch.Tensor:
     """Head-averaged attention row of the last token: ``[L]`` (float64, CPU)."""
-    device = _model_device(judge_model)
-    with _eval_mode(judge_model), torch.no_grad():
+    device = model_device(judge_model)
+    with eval_mode(judge_model), torch.no_grad():
         out = judge_model(input_ids=torch.tensor([input_ids], device=device), output_attentions=True)
     attentions = getattr(out, "attentions", None)
     if not attentions or any(a is None for a in attentions):
@@ -438,7 +186,7 @@ def fix_attention_sink(weights: torch.Tensor, *, min_length: int = SINK_MIN_LENG
 
     For ``n >= min_length``: w_1' = (sum w) / n and w_j' = w_j * (sum w - w_1') / (sum_{j>1} w_j) for j > 1
     (uniform over j > 1 if those are all 0), so sum w' = sum w. Shorter inputs are returned unchanged.
-    METHODS.md section 5, step 5. ``weights``: ``[n]``, non-negative.
+    docs/methods.md section 5, step 5. ``weights``: ``[n]``, non-negative.
     """
     if weights.dim() != 1:
         raise ValueError(f"weights must be 1-D [n], got {tuple(weights.shape)}.")
@@ -463,7 +211,7 @@ def attention_to_weights(
 
     Each order's scores are normalised to sum 1 (uniform if they sum to 0), the two are averaged, the sink
     fix is applied (:func:`fix_attention_sink`, if ``fix_sink``), and the result is scaled to sum n (mean 1).
-    METHODS.md section 5, steps 4-6. Inputs ``[n]`` each; returns ``[n]`` float64.
+    docs/methods.md section 5, steps 4-6. Inputs ``[n]`` each; returns ``[n]`` float64.
     """
     a = torch.as_tensor(scores_first, dtype=torch.float64)
     b = torch.as_tensor(scores_second, dtype=torch.float64)
@@ -491,7 +239,7 @@ def attention_weights(
     layer_mean: bool = False,
     template: str = JUDGE_TEMPLATE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """AttentionPO token weights of the chosen and the rejected response (METHODS.md section 5).
+    """AttentionPO token weights of the chosen and the rejected response (docs/methods.md section 5).
 
     Two forward passes of the judge text (:data:`JUDGE_TEMPLATE`): A = chosen, B = rejected, then swapped.
     In each, the query is the last token of the judge text; its attention row is taken from layer ``layer``
@@ -536,7 +284,7 @@ def attention_weights(
     for name, ids in expected.items():
         if not ids:
             raise ValueError(
-                f"the {name} response {_abbrev(chosen if name == 'chosen' else rejected)} has no tokens."
+                f"the {name} response {abbrev(chosen if name == 'chosen' else rejected)} has no tokens."
             )
     max_len = _max_positions(judge_model)
 

@@ -1,4 +1,4 @@
-"""Run folders, collect / summarise against numpy, Markdown table, figures (Agg), env.json."""
+"""The results table and figures: collect / summarise against numpy, Markdown table, figures (Agg)."""
 
 import json
 import warnings
@@ -14,18 +14,10 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 
 from tdpo_lab.config import load_config  # noqa: E402
-from tdpo_lab.runs import (  # noqa: E402
-    METHOD_COLORS,
-    RunDir,
-    collect,
-    frontier_plot,
-    metrics_plot,
-    read_jsonl_tolerant,
-    results_markdown,
-    seqkl_plot,
-    summarise,
-    write_env,
-)
+from tdpo_lab.methods import method_color  # noqa: E402
+from tdpo_lab.plots import frontier_plot, metrics_plot, seqkl_plot  # noqa: E402
+from tdpo_lab.results import collect, results_markdown, summarise  # noqa: E402
+from tdpo_lab.rundir import RunDir  # noqa: E402
 
 STEPS = (0, 5, 10)
 # (method, beta, alpha, seeds): 2 seeds for dpo and tdpo2 alpha 0.5, 1 seed for tdpo2 alpha 0.2
@@ -161,7 +153,7 @@ def test_frontier_plot_curves_points_and_errorbars(root):
     expected = summary[summary["method"] == "dpo"].sort_values("step")
     np.testing.assert_allclose(dpo.get_xdata(), expected["kl_seq"])
     np.testing.assert_allclose(dpo.get_ydata(), expected["reward"])
-    assert to_rgba(dpo.get_color()) == to_rgba(METHOD_COLORS["dpo"])
+    assert to_rgba(dpo.get_color()) == to_rgba(method_color("dpo"))
     a05, a02 = (lines[labels.index(f"TDPO2 β=0.1 α={a}")] for a in ("0.5", "0.2"))
     assert (a05.get_marker(), a05.get_linestyle()) != (a02.get_marker(), a02.get_linestyle())
     assert "KL" in ax.get_xlabel() and "nats" in ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
@@ -221,33 +213,3 @@ def test_metrics_plot(root):
         metrics_plot(run.path, keys=["nothing"])
     with pytest.raises(FileNotFoundError):
         metrics_plot(root / "tdpo2-b0.1-a0.2-s0")
-
-
-def test_env_json_and_rundir_create(tmp_path):
-    cfg = load_config("tiny", fast=False, method="tdpo2", seed=3)
-    run = RunDir.create(tmp_path / "run", cfg)
-    env = json.loads(run.env_path.read_text())
-    for key in ("python", "torch", "transformers", "numpy", "device", "git_commit", "hostname", "time"):
-        assert env[key], key
-    assert set(write_env(tmp_path / "other")) == set(env)
-    assert run.config()["method"] == "tdpo2"
-    record = run.log_eval(0, {"reward": np.float64(0.5), "kl_seq": 0.0})
-    assert record == {
-        "step": 0,
-        "method": "tdpo2",
-        "beta": 0.1,
-        "alpha": 0.5,
-        "seed": 3,
-        "reward": 0.5,
-        "kl_seq": 0.0,
-    }
-    assert run.evals() == [record]
-    assert run.checkpoint_dir == tmp_path / "run" / "checkpoint"
-
-
-def test_read_jsonl_tolerant(tmp_path):
-    path = tmp_path / "m.jsonl"
-    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n[1, 2]\n')
-    records, bad = read_jsonl_tolerant(path)
-    assert records == [{"step": 1}, {"step": 3}] and bad == 2
-    assert read_jsonl_tolerant(tmp_path / "missing.jsonl") == ([], 0)

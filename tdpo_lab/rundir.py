@@ -1,0 +1,341 @@
+"""One run folder: the only code that creates, opens, writes or reads a run's files.
+
+A run folder (one per method, hyper-parameters and seed) holds::
+
+    config.json        the Config of the run (Config.to_dict())
+    env.json           python / torch / transformers versions, device, git commit, hostname, time (write_env)
+    metrics.jsonl      one line per training step (docs/methods.md section 3 names: loss, rewards/margins, ...)
+    eval.jsonl         one line per evaluation step: step, method, beta, alpha, seed and the keys of
+                       tdpo_lab.evaluate.evaluate_policy (reward, kl_seq, kl_logratio, entropy, ...)
+    checkpoint/        resumable training state (checkpoint/state.pt) while the run trains
+    policy/            the trained policy (save_pretrained), written last: its presence means "finished"
+    .lock              held while a process trains the run
+
+:meth:`RunDir.open` starts or reopens a run (and refuses a folder holding another configuration); the
+results table over many runs is :mod:`tdpo_lab.results`, the figures :mod:`tdpo_lab.plots`.
+
+JSON lines are read tolerantly: an interrupted run can leave a truncated last line, which is skipped with a
+warning; if a step was logged twice (a resumed run), the last record of that step wins.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from tdpo_lab.config import result_fields
+from tdpo_lab.methods import reads_knob
+from tdpo_lab.utils import append_jsonl, atomic_path, exclusive_lock, stable_hash, write_json
+
+__all__ = [
+    "RunConfigMismatch",
+    "RunDir",
+    "dedupe_steps",
+    "default_run_root",
+    "read_jsonl_tolerant",
+    "resolve_run_dir",
+    "run_name",
+    "truncate_jsonl",
+    "write_env",
+]
+
+
+class RunConfigMismatch(ValueError):
+    """The run folder already holds a run with a different configuration."""
+
+
+class RunDir:
+    """Paths, writers and readers of one run folder (see the module docstring for the layout).
+
+    >>> run = RunDir.open("runs/tdpo2-b0.1-s0", cfg)  # doctest: +SKIP
+    >>> run.log_eval(0, evaluate_policy(...), cfg)    # doctest: +SKIP
+    """
+
+    CONFIG = "config.json"
+    ENV = "env.json"
+    METRICS = "metrics.jsonl"
+    EVAL = "eval.jsonl"
+    CHECKPOINT = "checkpoint"
+    POLICY = "policy"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, cfg) -> RunDir:
+        """Start or reopen the run of ``cfg`` (a Config or a dict) in ``path``.
+
+        Makes the folder; writes ``config.json`` if there is none, else raises :class:`RunConfigMismatch`
+        when the saved one differs in a field that can change results (``config.result_fields``: a
+        resumed run must be the same run); then writes ``env.json`` (this process's environment).
+        """
+        run = cls(path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        if run.config_path.exists():
+            saved, wanted = result_fields(run.config()), result_fields(_config_dict(cfg))
+            diff = {
+                k: (saved.get(k), wanted.get(k))
+                for k in saved.keys() | wanted.keys()
+                if saved.get(k) != wanted.get(k)
+            }
+            if diff:
+                raise RunConfigMismatch(
+                    f"{run.path} already holds a run with a different configuration {diff} (saved, requested); "
+                    "choose another run folder or delete this one"
+                )
+        else:
+            run.write_config(cfg)
+        write_env(run.path)
+        return run
+
+    # --- where things are ---------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def env_path(self) -> Path:
+        return self.path / self.ENV
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def eval_path(self) -> Path:
+        return self.path / self.EVAL
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The resumable training state (:func:`tdpo_lab.utils.save_training_state`)."""
+        return self.checkpoint_dir / "state.pt"
+
+    @property
+    def policy_dir(self) -> Path:
+        """The trained policy, a ``save_pretrained`` folder (load it with :func:`tdpo_lab.models.load_model`)."""
+        return self.path / self.POLICY
+
+    @property
+    def is_finished(self) -> bool:
+        """True once training saved the policy: ``policy/`` is renamed into place whole (atomic write), so
+        its ``config.json`` exists only after the last step and the last evaluation are written."""
+        return (self.policy_dir / "config.json").exists()
+
+    def lock(self):
+        """Hold the run's lock file for a block: a second process asking for the same run waits."""
+        return exclusive_lock(self.path / ".lock")
+
+    # --- writing -------------------------------------------------------------------------------------
+    def write_config(self, cfg) -> None:
+        write_json(self.config_path, _config_dict(cfg))
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        """Append one training step to ``metrics.jsonl`` (flushed: survives a crash)."""
+        append_jsonl(self.metrics_path, {"step": int(step), **_plain(metrics)})
+
+    def log_eval(self, step: int, result: dict, cfg=None) -> dict:
+        """Append one evaluation to ``eval.jsonl``: step, method, beta, alpha, seed, then ``result``.
+
+        ``cfg`` defaults to this folder's ``config.json``. Returns the record written.
+        """
+        config = _config_dict(cfg) if cfg is not None else self.config()
+        record = {"step": int(step), **{k: config.get(k) for k in ("method", "beta", "alpha", "seed")}}
+        record.update(_plain(result))
+        append_jsonl(self.eval_path, record)
+        return record
+
+    def clear_logs(self) -> None:
+        """Delete ``metrics.jsonl`` and ``eval.jsonl``: a run starting from step 0 writes them anew."""
+        self.metrics_path.unlink(missing_ok=True)
+        self.eval_path.unlink(missing_ok=True)
+
+    def truncate_logs(self, step: int) -> None:
+        """Keep only the log lines up to ``step`` (a resumed run redoes everything after its checkpoint)."""
+        for path in (self.metrics_path, self.eval_path):
+            truncate_jsonl(path, step)
+
+    def save_policy(self, model, tokenizer) -> None:
+        """Write ``policy/`` (model and tokenizer) atomically, which marks the run finished, and drop the
+        checkpoint: the finished policy replaces it."""
+        with atomic_path(self.policy_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+    # --- reading -------------------------------------------------------------------------------------
+    def config(self) -> dict:
+        if not self.config_path.exists():
+            raise FileNotFoundError(f"{self.config_path} does not exist: is {self.path} a run folder?")
+        return json.loads(self.config_path.read_text())
+
+    def metrics(self) -> list[dict]:
+        return dedupe_steps(read_jsonl_tolerant(self.metrics_path, warn=True)[0])
+
+    def evals(self) -> list[dict]:
+        return dedupe_steps(read_jsonl_tolerant(self.eval_path, warn=True)[0])
+
+
+def read_jsonl_tolerant(path: str | os.PathLike, *, warn: bool = False) -> tuple[list[dict], int]:
+    """Records of a JSON-lines file and the number of lines skipped because they do not parse.
+
+    A run killed while writing leaves a truncated last line (and a resumed run may append after it); such
+    lines are skipped rather than failing the whole table. A missing file gives ``([], 0)``.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [], 0
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad += 1
+    if bad and warn:
+        warnings.warn(f"{path}: skipped {bad} unreadable line(s) (an interrupted write?)", stacklevel=2)
+    return records, bad
+
+
+def dedupe_steps(records: list[dict]) -> list[dict]:
+    """Keep the last record of each step (a resumed run may repeat steps), in step order."""
+    by_step: dict = {}
+    unnumbered = []
+    for record in records:
+        if "step" in record:
+            by_step[record["step"]] = record
+        else:
+            unnumbered.append(record)
+    return [by_step[s] for s in sorted(by_step)] + unnumbered
+
+
+def truncate_jsonl(path: str | os.PathLike, step: int) -> None:
+    """Keep only the records of a step-indexed JSON-lines log with ``step <= step`` (atomic rewrite).
+
+    A resumed run redoes everything after its checkpoint, so lines written after it (or cut off by the
+    interruption) are dropped first and never appear twice.
+    """
+    path = Path(path)
+    kept = [r for r in read_jsonl_tolerant(path)[0] if r.get("step", 0) <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def write_env(run_dir: str | os.PathLike) -> dict:
+    """Write ``env.json`` into ``run_dir`` and return it.
+
+    Keys: ``python``, ``platform``, ``torch``, ``transformers``, ``numpy``, ``tdpo_lab`` (versions),
+    ``device`` ("cpu" or "cuda: <GPU name>"), ``cuda`` (torch's CUDA version or null), ``num_threads``,
+    ``git_commit`` (``git rev-parse HEAD`` of the kit's source tree, "unknown" outside a git checkout),
+    ``hostname``, ``time`` (UTC, ISO 8601).
+    """
+    import torch
+    import transformers
+
+    import tdpo_lab
+
+    if torch.cuda.is_available():
+        device = f"cuda: {torch.cuda.get_device_name(0)}"
+    else:
+        device = "cpu"
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "tdpo_lab": getattr(tdpo_lab, "__version__", "unknown"),
+        "device": device,
+        "cuda": torch.version.cuda,
+        "num_threads": torch.get_num_threads(),
+        "git_commit": _git_commit(Path(tdpo_lab.__file__).resolve().parent),
+        "hostname": socket.gethostname(),
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / RunDir.ENV, env)
+    return env
+
+
+# --- where runs live ----------------------------------------------------------------------------------
+
+
+def run_name(cfg) -> str:
+    """A run's folder name: method, its conservativeness knobs, seed, and a short key of the rest.
+
+    The key covers every other config field, so two runs that differ in anything (steps, lr, ...) never
+    share a folder, and the same configuration always finds its finished run again.
+    """
+    name = f"{cfg.method}_beta{cfg.beta:g}"
+    if reads_knob(cfg.method, "alpha"):  # alpha is in the name only where the method reads it
+        name += f"_alpha{cfg.alpha:g}"
+    return f"{name}_seed{cfg.seed}_{stable_hash(result_fields(cfg.to_dict()), 6)}"
+
+
+def default_run_root(cfg) -> Path:
+    """Where notebooks keep runs when no folder is given: under the cache, per profile and size."""
+    return cfg.cache_path / "runs" / f"{cfg.profile}{'-fast' if cfg.fast else ''}"
+
+
+def resolve_run_dir(
+    cfg, run_dir: str | os.PathLike | None = None, run_root: str | os.PathLike | None = None
+) -> Path:
+    """``run_dir`` if given, else ``<run_root or default_run_root(cfg)>/<run_name(cfg)>``."""
+    if run_dir:
+        return Path(run_dir)
+    return Path(run_root or default_run_root(cfg)) / run_name(cfg)
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def _config_dict(cfg) -> dict:
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    if isinstance(cfg, dict):
+        return dict(cfg)
+    raise TypeError(f"cfg must be a tdpo_lab Config or a dict, got {type(cfg).__name__}")
+
+
+def _plain(values: dict) -> dict:
+    """Python numbers for JSON (numpy / torch scalars -> float / int)."""
+    out = {}
+    for key, value in values.items():
+        if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def _git_commit(where: Path) -> str:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else "unknown"

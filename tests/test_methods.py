@@ -1,0 +1,140 @@
+"""The method registry: what each method declares, IPO's finite minimiser, and a method from outside the kit.
+
+The per-method loss values and gradients against naive float64 formulas are in test_losses.py (parametrised
+over the registry, IPO included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import matplotlib
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from test_pipeline import TINY
+
+from tdpo_lab import methods
+from tdpo_lab.config import Config, ConfigError, load_config, result_fields
+from tdpo_lab.logprobs import TokenStats
+from tdpo_lab.methods import Method, get_method, method_names, preference_loss, register, unregister
+
+matplotlib.use("Agg")
+
+BUILT_IN = ("dpo", "tdpo1", "tdpo2", "attnpo", "tidpo", "ipo")
+
+
+def test_built_in_methods_are_registered_in_the_kits_order():
+    assert method_names()[: len(BUILT_IN)] == BUILT_IN
+    labels = [get_method(m).label for m in BUILT_IN]
+    colors = [get_method(m).color for m in BUILT_IN]
+    assert len(set(labels)) == len(labels) and len(set(colors)) == len(colors)
+    assert get_method("ipo").label == "IPO"
+
+
+def test_config_defaults_of_method_knobs_come_from_the_methods():
+    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    for name in BUILT_IN:
+        for knob, default in get_method(name).knobs.items():
+            assert fields[knob] == default, (name, knob)
+    # declared facts the loop relies on
+    assert get_method("attnpo").token_weights == "judge" and get_method("tidpo").token_weights == "saliency"
+    assert {m for m in BUILT_IN if get_method(m).uses_seq_kl} == {"tdpo1", "tdpo2", "tidpo"}
+
+
+def test_knobs_split_only_the_runs_of_methods_that_read_them():
+    dpo = load_config("tiny", method="dpo")
+    assert result_fields(dpo.replace(alpha=0.9).to_dict()) == result_fields(dpo.to_dict())
+    tdpo2 = load_config("tiny", method="tdpo2")
+    assert result_fields(tdpo2.replace(alpha=0.9).to_dict()) != result_fields(tdpo2.to_dict())
+    assert "gamma" in result_fields(load_config("tiny", method="tidpo").to_dict())
+    assert "gamma" not in result_fields(load_config("tiny", method="ipo").to_dict())
+
+
+def test_registering_bad_methods_is_a_clear_error():
+    loss = methods.dpo.dpo_loss
+    with pytest.raises(ValueError, match="registered already"):
+        register(Method(name="dpo", label="x", color="k", loss=loss))
+    with pytest.raises(ValueError, match="not config fields"):
+        register(Method(name="odd", label="Odd", color="k", loss=loss, knobs={"temperature_x": 1.0}))
+    with pytest.raises(ValueError, match="a knob has one default"):
+        register(Method(name="odd", label="Odd", color="k", loss=loss, knobs={"alpha": 0.9}))
+    with pytest.raises(ValueError, match="token_weights"):
+        Method(name="odd", label="Odd", color="k", loss=loss, token_weights="magic")
+    with pytest.raises(ValueError, match="lower-case identifier"):
+        Method(name="Odd Method", label="Odd", color="k", loss=loss)
+    assert "odd" not in method_names()
+    with pytest.raises(ConfigError, match="registered methods"):
+        load_config("tiny", method="odd")
+
+
+# --- IPO: a finite minimiser under noise-free labels ---------------------------------------------------------
+def margin_stats(h: torch.Tensor) -> TokenStats:
+    """One pair whose log-ratio margin is the scalar leaf ``h`` (one response token each, no KL)."""
+    zero = torch.zeros((), dtype=h.dtype)
+    logps = torch.stack([torch.stack([zero, h]), torch.stack([zero, zero])])
+    mask = torch.tensor([[False, True], [False, True]])
+    return TokenStats(logps, torch.zeros_like(logps), torch.zeros_like(logps), mask)
+
+
+def descend(method: str, beta: float, steps: int, lr: float) -> list[float]:
+    h = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    path = []
+    for _ in range(steps):
+        (grad,) = torch.autograd.grad(preference_loss(method, margin_stats(h), beta=beta).loss, h)
+        with torch.no_grad():
+            h -= lr * grad
+        path.append(float(h.detach()))
+    return path
+
+
+def test_ipo_has_a_finite_minimiser_where_dpo_keeps_pushing():
+    """Chapter 02's labels are deterministic (argmax of the reward): the chosen side always wins. DPO's
+    loss -log sigma(beta h) then decreases for every h, so gradient descent pushes the margin forever; IPO's
+    (h - 1/(2 beta))^2 stops at h* = 1/(2 beta)."""
+    beta = 0.5
+    ipo = descend("ipo", beta, steps=200, lr=0.1)
+    assert ipo[-1] == pytest.approx(1.0 / (2.0 * beta), abs=1e-9)
+    dpo = descend("dpo", beta, steps=2000, lr=50.0)
+    assert all(b > a for a, b in zip(dpo, dpo[1:], strict=False))  # still rising at every step
+    assert dpo[-1] > 10.0 / beta  # far past any fixed target
+    # the DPO gradient is never zero: -beta sigma(-beta h) < 0
+    h = torch.tensor(dpo[-1], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(preference_loss("dpo", margin_stats(h), beta=beta).loss, h)
+    assert grad < 0
+    torch.testing.assert_close(grad, -beta * torch.sigmoid(-beta * h.detach()))
+
+
+# --- a method defined outside the package ---------------------------------------------------------------------
+def hinge_loss(terms, *, beta, alpha=0.0):
+    """SLiC-style hinge on the margin: max(0, 1 - beta h)."""
+    return F.relu(1.0 - beta * terms.margin)
+
+
+@pytest.fixture
+def hinge():
+    method = register(Method(name="hinge", label="Hinge", color="tab:olive", loss=hinge_loss))
+    yield method
+    unregister("hinge")
+
+
+@pytest.mark.slow
+def test_a_method_registered_outside_the_kit_trains_collects_and_plots(hinge, imdb_path, tmp_path):
+    from tdpo_lab.cli import main
+    from tdpo_lab.results import collect, results_markdown
+    from tdpo_lab.train import train
+
+    cfg = load_config(
+        "tiny", fast=True, method="hinge", data_path=str(imdb_path), cache_dir=str(tmp_path / "cache"), **TINY
+    )
+    root = tmp_path / "runs"
+    run = train(cfg, root / "hinge", progress=False)
+    metrics = pd.read_json(run / "metrics.jsonl", lines=True)
+    assert len(metrics) == cfg.train_steps and metrics["loss"].notna().all()
+    table = collect(root)
+    assert set(table["method"]) == {"hinge"}
+    assert "| Hinge |" in results_markdown(table)
+    assert main(["collect", str(root), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "frontier.png").stat().st_size > 0
+    assert "Hinge" in (tmp_path / "report" / "results.md").read_text()
