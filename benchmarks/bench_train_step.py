@@ -4,8 +4,10 @@ Same model (the tiny profile's architecture, 8,192-entry vocabulary), same batch
 method; AttentionPO's weights are computed beforehand (as the training loop caches them), TI-DPO pays for
 its gradient attribution and its triplet anchor every step. Methods are timed round-robin, so drift in
 the machine's speed hits all of them alike; the table reports the median over steps. A last line times
-the TI-DPO anchor alone: ``generate`` (:func:`tdpo_lab.generation.sample`) against the KV-cache loop the
-training step uses (:func:`tdpo_lab.generation.sample_fast`), on the first batch's prompts, round-robin.
+the TI-DPO anchor's draw alone, on the first batch's prompts, round-robin: ``generate``
+(:func:`tdpo_lab.generation.sample_ids`), the KV-cache loop through the model's own forward
+(:class:`tdpo_lab.kv_steps.ModelSteps`) and the loop the training step uses
+(:func:`tdpo_lab.generation.sample_ids_fast`, with :class:`tdpo_lab.kv_steps.GPT2Steps` on GPT-2).
 
     python benchmarks/bench_train_step.py --steps 10 --warmup 2 --threads 1
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -24,7 +27,8 @@ import torch
 
 from tdpo_lab.config import load_config
 from tdpo_lab.data import clean_text, load_imdb, make_prefixes
-from tdpo_lab.generation import sample, sample_fast
+from tdpo_lab.generation import sample_ids, sample_ids_fast
+from tdpo_lab.kv_steps import GPT2Steps
 from tdpo_lab.methods import method_names
 from tdpo_lab.methods.attnpo_judge import attention_weights
 from tdpo_lab.models import build_model
@@ -55,6 +59,12 @@ def synthetic_pairs(tokenizer, cfg, n: int) -> pd.DataFrame:
     )
 
 
+def model_steps_only(*args, **kwargs):
+    """:func:`sample_ids_fast` with the model's own forward at every step (no :class:`GPT2Steps`)."""
+    with mock.patch.object(GPT2Steps, "applies", staticmethod(lambda model: False)):
+        return sample_ids_fast(*args, **kwargs)
+
+
 def anchor_times(policy, tokenizer, prompts: list[str], cfg, repeats: int) -> dict[str, float]:
     """Median seconds of one TI-DPO anchor draw (``len(prompts)`` rows, ``cfg.anchor_*``) per sampler."""
     kwargs = dict(
@@ -65,9 +75,10 @@ def anchor_times(policy, tokenizer, prompts: list[str], cfg, repeats: int) -> di
         top_p=cfg.anchor_top_p,
         batch_size=len(prompts),
     )
-    times: dict[str, list[float]] = {"generate": [], "kv-cache loop": []}
-    for rep in range(repeats + 1):  # the first round warms both up and is not counted
-        for name, fn in (("generate", sample), ("kv-cache loop", sample_fast)):
+    samplers = {"generate": sample_ids, "model forward": model_steps_only, "training": sample_ids_fast}
+    times: dict[str, list[float]] = {name: [] for name in samplers}
+    for rep in range(repeats + 1):  # the first round warms all up and is not counted
+        for name, fn in samplers.items():
             started = time.perf_counter()
             fn(policy, tokenizer, prompts, seed=rep, **kwargs)
             if rep > 0:
@@ -126,11 +137,12 @@ def main() -> None:
         mark = "" if target is None else (f"<= {target:.2f} " + ("ok" if med / base <= target else "MISSED"))
         print(f"| {method} | {med:.3f} | {med / base:.2f} | {mark} |")
     prompts = list(pairs["prompt"][: args.batch_size])
-    slow, fast = anchor_times(policy, tokenizer, prompts, cfg, args.anchor_repeats).values()
+    slow, own, fast = anchor_times(policy, tokenizer, prompts, cfg, args.anchor_repeats).values()
     print(
         f"\nTI-DPO anchor, {len(prompts)} prompts x {cfg.anchor_max_new_tokens} new tokens (median of "
-        f"{args.anchor_repeats}): generate {slow:.3f} s, KV-cache loop {fast:.3f} s "
-        f"({slow / fast:.1f}x faster)"
+        f"{args.anchor_repeats}): generate {slow:.3f} s, KV-cache loop through the model's forward {own:.3f} s, "
+        f"as trained ({'GPT2Steps' if GPT2Steps.applies(policy) else 'model forward'}) {fast:.3f} s "
+        f"({slow / fast:.1f}x faster than generate)"
     )
 
 

@@ -6,7 +6,7 @@ The notebooks in ``notebooks/`` derive each method; this package does the work t
 from tdpo_lab.config import Config, ConfigError, load_config
 from tdpo_lab.utils import seed_everything, select_device
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "Config",
     "ConfigError",

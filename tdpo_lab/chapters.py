@@ -4,10 +4,15 @@ Two commands of :mod:`tdpo_lab.cli` execute chapters: ``tdpo-lab reproduce`` run
 order, side by side where they are independent (:func:`run_chapters`), and ``tdpo-lab sweep --notebook``
 runs one chapter once per point of a parameter grid (:func:`sweep_notebook`). Both hand the chapters their
 run folders through the parameters cell, so every result lands in run folders that ``collect`` reads.
+
+Executing notebooks needs the ``[notebooks]`` extra (papermill, nbformat, ipykernel); the core install
+leaves it out so that a notebook runtime such as Colab keeps its own Jupyter stack. Every function here that
+needs it says so with :class:`NotebookToolsMissing` before it starts.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import subprocess
 import sys
@@ -35,6 +40,25 @@ NOTEBOOKS = (
 CHAPTER_NEEDS = chapter_needs()  # derived from what each chapter builds and uses (tdpo_lab.pipeline)
 
 
+# What executing a chapter imports: the [notebooks] extra.
+NOTEBOOK_TOOLS = ("papermill", "nbformat", "ipykernel")
+INSTALL_NOTEBOOK_TOOLS = 'pip install "tdpo-lab[notebooks]"'
+
+
+class NotebookToolsMissing(ImportError):
+    """The notebook tooling (the ``[notebooks]`` extra) is not installed; the message says how to add it."""
+
+
+def require_notebook_tools(what: str, modules: tuple[str, ...] = NOTEBOOK_TOOLS) -> None:
+    """Raise :class:`NotebookToolsMissing` naming ``what`` and the install command if any of ``modules`` is absent."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise NotebookToolsMissing(
+            f"{what} needs {', '.join(missing)}, which the core install of tdpo-lab leaves out; install the "
+            f"notebook tooling with: {INSTALL_NOTEBOOK_TOOLS}"
+        )
+
+
 def notebooks_dir() -> Path:
     """The notebooks folder: beside the installed package (editable install) or the current checkout."""
     here = Path(__file__).resolve().parent.parent / "notebooks"
@@ -48,6 +72,7 @@ def notebooks_dir() -> Path:
 
 def notebook_parameters(path: Path) -> dict:
     """The names (and defaults) of a notebook's ``parameters`` cell, as papermill reads them."""
+    require_notebook_tools("reading a chapter's parameters", ("papermill",))
     import papermill as pm
 
     return pm.inspect_notebook(str(path))
@@ -55,6 +80,7 @@ def notebook_parameters(path: Path) -> dict:
 
 def failed_cell(path: Path) -> str:
     """'cell [k] raised Name: message' from an executed notebook's first error output."""
+    require_notebook_tools("reading an executed chapter", ("nbformat",))
     import nbformat
 
     try:
@@ -92,6 +118,7 @@ def sweep_notebook(
     a point whose run is finished already is skipped, and a failing point does not stop the others. A grid
     parameter the notebook does not declare is a :class:`ConfigError`.
     """
+    require_notebook_tools("tdpo-lab sweep --notebook")
     import papermill as pm
 
     declared = notebook_parameters(notebook)
@@ -156,6 +183,8 @@ def run_chapters(source: Path, names: list[str], out: Path, params: dict, jobs: 
     fail on the missing result or redo its work.
     """
     import yaml
+
+    require_notebook_tools("executing the chapters (tdpo-lab reproduce)")
 
     needs, done, running, failed = _needs(names), set(), {}, []
     while len(done) + len(failed) < len(names):

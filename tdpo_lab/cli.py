@@ -14,11 +14,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import traceback
 from pathlib import Path
 
-from tdpo_lab.chapters import NOTEBOOKS, failed_cell, notebooks_dir, run_chapters, sweep_notebook
+from tdpo_lab.chapters import (
+    NOTEBOOKS,
+    NotebookToolsMissing,
+    failed_cell,
+    notebooks_dir,
+    run_chapters,
+    sweep_notebook,
+)
 from tdpo_lab.config import PROFILES, Config, ConfigError, config_from_file, load_config
 from tdpo_lab.methods import method_names, reads_knob
 from tdpo_lab.rundir import RunDir, run_name
@@ -158,12 +166,20 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     missing = [n for n in names if not (source / n).exists()]
     if missing:
         raise FileNotFoundError(f"notebook(s) {missing} are missing from {source}")
+    if args.publish and args.fast:
+        raise ConfigError(
+            "--publish writes the committed chapters: they carry full-profile outputs, not --fast ones"
+        )
     params = {
         "profile": args.profile,
         "fast": bool(args.fast),
         "run_root": str(out / "runs"),
         "figures_dir": str(out / "figures"),
     }
+    if args.publish:  # plt.show() embeds a PNG only under the inline backend (CI and pytest set Agg)
+        from tdpo_lab.publish import INLINE_BACKEND
+
+        os.environ["MPLBACKEND"] = INLINE_BACKEND
     started_all = time.perf_counter()
     print(f"reproduce: {len(names)} notebooks into {out}, up to {args.jobs} at a time", flush=True)
     failed = run_chapters(source, names, out, params, args.jobs)
@@ -177,11 +193,27 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             )
         return 1
     print(f"all notebooks executed in {(time.perf_counter() - started_all) / 60:.1f} min", flush=True)
+    if args.publish:
+        from tdpo_lab.publish import publish_all
+
+        written = publish_all(out, names, source, profile=args.profile, seeds=[0])
+        print(f"published {len(written)} chapters into {source} (outputs, figures, provenance)")
     if (out / "runs").is_dir():
         report = write_results(out / "runs", out)
         print(
             f"executed notebooks: {out}\nresults table: {report}\nfigures: {out}/frontier.png, {out}/seqkl.png"
         )
+    return 0
+
+
+def cmd_exercises(args: argparse.Namespace) -> int:
+    from tdpo_lab.exercises import write_exercises
+
+    source = Path(args.notebooks) if args.notebooks else notebooks_dir()
+    out = Path(args.out) if args.out else source.parent / "exercises"
+    counts = write_exercises(source, out)
+    for name, n in counts.items():
+        print(f"{out / name}: {n} exercise(s)")
     return 0
 
 
@@ -240,8 +272,18 @@ def make_parser() -> argparse.ArgumentParser:
         default=2,
         help="chapters run side by side when they do not depend on each other (each uses one thread)",
     )
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="write the executed chapters back into the notebooks folder (figures, provenance; full profile only)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("exercises", help="write the student notebooks (solutions stubbed) from the chapters")
+    p.add_argument("--notebooks", help="folder of the chapters (default: the checkout's notebooks/)")
+    p.add_argument("--out", help="folder of the student notebooks (default: exercises/ beside the chapters)")
+    p.set_defaults(func=cmd_exercises)
 
     p = sub.add_parser("collect", help="collect the runs under ROOT into a results table and figures")
     p.add_argument("root")
@@ -255,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, NotebookToolsMissing) as exc:
         parser.exit(2, f"tdpo-lab: error: {exc}\n")
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)

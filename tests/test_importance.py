@@ -661,3 +661,113 @@ def test_saliency_from_an_existing_graph_equals_gradient_saliency():
     torch.testing.assert_close(got, expected)
     logits.sum().backward()  # the graph was kept for the loss
     assert model.get_input_embeddings().weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AttentionPO through a chat template (a chat model judging itself, as the paper intends)
+# ---------------------------------------------------------------------------------------------------------
+
+# ChatML's layout, with the tokenizer's one special token standing for <|im_start|> and <|im_end|>.
+CHATML = (
+    "{% for message in messages %}<|endoftext|>{{ message['role'] }}\n{{ message['content'] }}<|endoftext|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}"
+)
+
+
+def _with_chat(tokenizer, template: str = CHATML, trim_offsets: bool | None = None):
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = template
+    if trim_offsets is not None:  # SmolLM2's tokenizer trims whitespace off its offsets
+        chat.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
+    return chat
+
+
+def naive_chat_weights(model, tok, prompt, chosen, rejected, *, fix_sink=True):
+    """Render the chat with the user message by hand, count tokens of the text before each response."""
+    from tdpo_lab.methods.attnpo_prompt import CHAT_JUDGE_TEMPLATE
+
+    scores = {"c": [], "r": []}
+    for a_key, b_key in (("c", "r"), ("r", "c")):
+        texts = {"c": chosen, "r": rejected}
+        content, (sa, ea), (sb, eb) = judge_text(
+            prompt, texts[a_key], texts[b_key], template=CHAT_JUDGE_TEMPLATE
+        )
+        text = f"{EOS}user\n{content}{EOS}\n{EOS}assistant\n"
+        offset = len(f"{EOS}user\n")
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        model.eval()
+        with torch.no_grad():
+            row = model(torch.tensor([ids]), output_attentions=True).attentions[-1][0].mean(dim=0)[-1]
+        model.train()
+        for key, s in ((a_key, sa), (b_key, sb)):
+            own = tok(texts[key], add_special_tokens=False)["input_ids"]
+            start = len(tok(text[: offset + s], add_special_tokens=False)["input_ids"])
+            assert ids[start : start + len(own)] == own
+            scores[key].append(row[start : start + len(own)].double().tolist())
+    return naive_combine(*scores["c"], fix_sink=fix_sink), naive_combine(*scores["r"], fix_sink=fix_sink)
+
+
+CHAT_PAIRS = PAIRS + [
+    ("Ok", "great fun", "  two leading spaces\n\n"),  # no leading space; two spaces; trailing newlines
+    ("", "\tnah, 10/10 🎬", "'s ending\nwas great"),  # empty prompt; tab; apostrophe first
+]
+
+
+@pytest.mark.parametrize("prompt,chosen,rejected", CHAT_PAIRS)
+@pytest.mark.parametrize("trim_offsets", [False, True])
+def test_chat_judge_matches_naive_reference(tok, gpt2, prompt, chosen, rejected, trim_offsets):
+    chat_tok = _with_chat(tok, trim_offsets=trim_offsets)
+    w_c, w_r = attention_weights(gpt2, chat_tok, prompt, chosen, rejected)  # chat=None: the template is used
+    ref_c, ref_r = naive_chat_weights(gpt2, chat_tok, prompt, chosen, rejected)
+    torch.testing.assert_close(w_c, torch.tensor(ref_c, dtype=torch.float32))
+    torch.testing.assert_close(w_r, torch.tensor(ref_r, dtype=torch.float32))
+    for w, text in ((w_c, chosen), (w_r, rejected)):
+        assert w.shape == (len(tok(text, add_special_tokens=False)["input_ids"]),)
+        torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+    # the plain-text judge reads another text: other weights
+    p_c, _ = attention_weights(gpt2, chat_tok, prompt, chosen, rejected, chat=False)
+    torch.testing.assert_close(p_c, attention_weights(gpt2, tok, prompt, chosen, rejected)[0])
+    assert not torch.allclose(p_c, w_c)
+
+
+def test_chat_judge_text_places_the_message_and_ends_with_the_generation_prompt(tok):
+    from tdpo_lab.methods.attnpo_prompt import CHAT_JUDGE_TEMPLATE, judge_prompt
+
+    chat_tok = _with_chat(tok)
+    text, (sa, ea), (sb, eb), special = judge_prompt(chat_tok, "The film", " was fun.", "was dull")
+    assert special is False  # the chat template writes its own special tokens
+    assert text[sa:ea] == " was fun." and text[sb:eb] == "was dull"
+    assert text.startswith(f"{EOS}user\nHere is") and text.endswith(f"{EOS}assistant\n")
+    assert CHAT_JUDGE_TEMPLATE.split("{answer_b}")[1] in text
+    plain, *_, plain_special = judge_prompt(tok, "The film", " was fun.", "was dull")
+    assert plain_special is True and plain.endswith("Answer:")
+
+
+def test_chat_judge_errors(tok, gpt2):
+    with pytest.raises(ValueError, match="no chat template"):
+        attention_weights(gpt2, tok, "The film", " was fun.", " was dull.", chat=True)
+    rewriting = _with_chat(
+        tok, CHATML.replace("message['content']", "message['content'] | replace('A', 'a')")
+    )
+    with pytest.raises(ValueError, match="changes the user message"):
+        attention_weights(gpt2, rewriting, "The film", " was fun.", " was dull.")
+    twice = _with_chat(
+        tok, CHATML.replace("{{ message['content'] }}", "{{ message['content'] }}{{ message['content'] }}")
+    )
+    with pytest.raises(ValueError, match="verbatim"):
+        attention_weights(gpt2, twice, "The film", " was fun.", " was dull.")
+
+
+def test_chat_judge_with_a_metaspace_tokenizer_says_it_cannot_locate():
+    # SentencePiece-style tokenizers (Llama 1/2) prepend "▁" to a text tokenised alone: a response's own
+    # tokens then differ from its tokens inside the judge text, and the judge must refuse, not misalign.
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS], show_progress=False)
+    backend.train_from_iterator(SENTENCES, trainer)
+    meta = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=EOS)
+    meta.chat_template = CHATML
+    model = _tiny_gpt2(len(meta), meta.eos_token_id)
+    with pytest.raises(ValueError, match="cannot locate the chosen response"):
+        attention_weights(model, meta, "This movie", "was fine", " was bad")

@@ -138,3 +138,136 @@ def test_a_method_registered_outside_the_kit_trains_collects_and_plots(hinge, im
     assert main(["collect", str(root), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "frontier.png").stat().st_size > 0
     assert "Hinge" in (tmp_path / "report" / "results.md").read_text()
+
+
+# --- TI-DPO's triplet term: the anchor scored on the drawn ids, against a naive recomputation --------------------
+def _triplet_setup(margin: float = 1.0):
+    from types import SimpleNamespace
+
+    from toy import make_model, make_tokenizer
+
+    from tdpo_lab.data import collate_preference_batch
+    from tdpo_lab.logprobs import token_stats
+
+    tok = make_tokenizer()
+    # float64, so that the two computations' rounding does not hide a real difference
+    reference = make_model(tok, seed=1, init_std=0.3).double().requires_grad_(False)
+    policy = make_model(tok, seed=1, init_std=0.3).double()
+    with torch.no_grad():  # a policy that has moved away from pi_ref, so the log-ratios are not all 0
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = ["this movie", "a terrible film, boring", "the plot made", "I loved"]
+    chosen = ["was great and the acting", " and slow from the start", " no sense", " every scene of it"]
+    rejected = [" was boring", " but the music was nice", " sense but the music", " it, see it twice"]
+    batch = collate_preference_batch(tok, prompts, chosen, rejected)
+    stats = token_stats(
+        policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+        reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+        batch["labels"],
+    )
+    cfg = SimpleNamespace(
+        anchor_max_new_tokens=8,
+        anchor_temperature=1.0,
+        anchor_top_k=20,
+        anchor_top_p=0.95,
+        triplet_margin=margin,
+    )
+    return tok, policy, reference, prompts, stats, cfg
+
+
+def _naive_triplet(policy, reference, tok, prompts, stats, cfg, anchors):
+    """The triplet term as first written, on given anchor ids: full logits of both models, token_stats (exact
+    KL and all), left_align; anchors with no visible text are left out."""
+    from tdpo_lab.data import collate_ids
+    from tdpo_lab.generation import encode_prompts
+    from tdpo_lab.logprobs import token_stats
+    from tdpo_lab.methods.tidpo import left_align, triplet_loss
+
+    eos = tok.eos_token_id
+    bodies = [a[: a.index(eos)] if eos in a else a for a in anchors]
+    keep = [i for i, b in enumerate(bodies) if tok.decode(b, skip_special_tokens=True).strip()]
+    batch = collate_ids(
+        encode_prompts(tok, [prompts[i] for i in keep]), [bodies[i] + [eos] for i in keep], eos
+    )
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        ref_logits = reference(input_ids=ids, attention_mask=mask).logits
+    anchor = token_stats(policy(input_ids=ids, attention_mask=mask).logits, ref_logits, batch["labels"])
+    a, a_mask = left_align(anchor.logps - anchor.ref_logps, anchor.mask)
+    half = stats.logps.shape[0] // 2
+    ratio = stats.logps - stats.ref_logps
+    w, w_mask = left_align(ratio[:half][keep], stats.mask[:half][keep])
+    lo, lo_mask = left_align(ratio[half:][keep], stats.mask[half:][keep])
+    return triplet_loss(a, a_mask, w, w_mask, lo, lo_mask, margin=cfg.triplet_margin), len(anchors) - len(
+        keep
+    )
+
+
+def _loss_and_grads(fn, policy):
+    loss, skipped = fn()
+    grads = torch.autograd.grad(loss, [p for p in policy.parameters()], retain_graph=True, allow_unused=True)
+    return loss.detach(), skipped, grads
+
+
+def test_triplet_term_equals_a_naive_recomputation_on_the_same_anchors():
+    from tdpo_lab.generation import sample_ids_fast
+    from tdpo_lab.methods.tidpo import triplet_term
+
+    tok, policy, reference, prompts, stats, cfg = _triplet_setup()
+    seed = 17
+    anchors = sample_ids_fast(
+        policy, tok, prompts, num_samples=1, max_new_tokens=cfg.anchor_max_new_tokens,
+        temperature=cfg.anchor_temperature, top_k=cfg.anchor_top_k, top_p=cfg.anchor_top_p,
+        batch_size=len(prompts), seed=seed,
+    )  # fmt: skip
+    anchors = [group[0] for group in anchors]
+    assert len({len(a) for a in anchors}) > 1 or tok.eos_token_id not in anchors[0]  # real draws
+    got = _loss_and_grads(
+        lambda: triplet_term(policy, reference, tok, prompts, stats, cfg, seed, "cpu"), policy
+    )
+    want = _loss_and_grads(
+        lambda: _naive_triplet(policy, reference, tok, prompts, stats, cfg, anchors), policy
+    )
+    assert got[1] == want[1] == 0
+    assert float(want[0]) > 0  # the hinge is active, so the anchor's log-ratios carry a gradient
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    assert any(g is not None and g.abs().max() > 0 for g in want[2])
+    for g_got, g_want in zip(got[2], want[2], strict=True):
+        if g_want is None:
+            assert g_got is None or not g_got.any()
+        else:
+            torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-10)
+
+
+def test_triplet_term_skips_anchors_without_text_and_reports_them(monkeypatch):
+    import tdpo_lab.methods.tidpo as tidpo
+    from tdpo_lab.methods.tidpo import triplet_term
+
+    tok, policy, reference, prompts, stats, cfg = _triplet_setup()
+    eos = tok.eos_token_id
+    space, word = tok(" ", add_special_tokens=False)["input_ids"], tok(" was great", add_special_tokens=False)
+    anchors = [
+        [eos],  # EOS first: empty
+        space + [eos],  # only whitespace before the EOS: empty, as the decoded text was judged before
+        word["input_ids"] + [eos],
+        word["input_ids"] * 3,  # ran to the token limit without an EOS: scored with one appended
+    ]
+    monkeypatch.setattr(tidpo, "sample_ids_fast", lambda *args, **kwargs: [[a] for a in anchors])
+    loss, skipped = triplet_term(policy, reference, tok, prompts, stats, cfg, 0, "cpu")
+    want, want_skipped = _naive_triplet(policy, reference, tok, prompts, stats, cfg, anchors)
+    assert skipped == want_skipped == 2
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+
+    monkeypatch.setattr(tidpo, "sample_ids_fast", lambda *args, **kwargs: [[[eos]] for _ in prompts])
+    loss, skipped = triplet_term(policy, reference, tok, prompts, stats, cfg, 0, "cpu")
+    assert skipped == len(prompts) and float(loss) == 0.0
+
+    # the training step reports them: triplet/skipped in the step's metrics
+    from tdpo_lab.train import compute_loss
+
+    rows = pd.DataFrame(
+        {"prompt": prompts, "chosen": ["was great"] * 4, "rejected": [" boring"] * 4, "pair_id": range(4)}
+    )
+    step_cfg = load_config("tiny", method="tidpo", gamma=0.1)
+    _, metrics = compute_loss(policy, reference, tok, rows, step_cfg, step_seed=0)
+    assert metrics["triplet/skipped"] == len(prompts) and metrics["triplet/loss"] == 0.0

@@ -169,3 +169,40 @@ def test_build_model_needs_an_eos(tiny_tokenizer):
     no_eos.eos_token = None
     with pytest.raises(ModelError, match="no EOS token"):
         build_model(load_config("tiny", fast=True), no_eos)
+
+
+# --- progress bars: transformers' per-load bars off, the hub's download bars on unless CI says none ----------
+def test_hub_download_bars_follow_the_environment():
+    import huggingface_hub.constants as hub_constants
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    from tdpo_lab.models import configure_progress_bars
+
+    if hub_constants.HF_HUB_DISABLE_PROGRESS_BARS is not None:
+        pytest.skip("HF_HUB_DISABLE_PROGRESS_BARS was set when huggingface_hub was imported: it has priority")
+    try:
+        assert configure_progress_bars({}) is True
+        assert not hub_utils.are_progress_bars_disabled()  # downloads show a bar
+        assert not hf_logging.is_progress_bar_enabled()  # "Loading weights" bars stay off
+        for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            for value in ("1", "true"):
+                assert configure_progress_bars({var: value}) is False
+                assert hub_utils.are_progress_bars_disabled()
+        assert configure_progress_bars({"TQDM_DISABLE": "0"}) is True
+    finally:
+        configure_progress_bars()  # back to what this process's environment says
+
+
+def test_importing_models_leaves_hub_download_bars_on():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    code = "import tdpo_lab.models, huggingface_hub.utils as h; print(h.are_progress_bars_disabled())"
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "False", shown.stderr
+    env["TQDM_DISABLE"] = "1"
+    quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert quiet.stdout.strip() == "True", quiet.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+import tdpo_lab
 from tdpo_lab.chapters import NOTEBOOKS
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -56,6 +57,59 @@ def test_chapter_frame(name):
     if name[:2] in {"04", "05", "06", "07"}:
         missing = TRAINING_PARAMETERS - set(namespace)
         assert not missing, f"{name}: parameters cell lacks {sorted(missing)}"
+
+
+PLOTTING = ("plt.show", ".plot(", "imshow(", "show_figure")
+ABSOLUTE = ("/tmp/", "/work/", "/root/", "/home/", "/content/")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_chapter_shows_real_outputs(name):
+    """Published from a full run (tdpo-lab reproduce --publish): every figure embedded, provenance that
+    says so, no papermill cell and no path of the publishing machine."""
+    nb = _read(name)
+    record = nb.metadata.get("tdpo_lab", {}).get("provenance")
+    assert record is not None, f"{name}: no provenance; publish it with tdpo-lab reproduce --publish"
+    assert record["fast"] is False, f"{name}: published from the fast configuration"
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        outputs = cell.get("outputs", [])
+        if any(k in cell.source for k in PLOTTING):
+            assert any("image/png" in o.get("data", {}) for o in outputs), (
+                f"{name}: plotting cell [{cell.execution_count}] carries no image"
+            )
+        text = nbformat.writes(nbformat.v4.new_notebook(cells=[cell]))
+        for path in ABSOLUTE:
+            assert path not in "".join(str(o) for o in outputs), (
+                f"{name}: output holds an absolute path {path}"
+            )
+        del text
+
+
+def test_every_guard_installs_this_release_and_shows_pip_output():
+    """One pinned install string, the tag of this version, in every chapter; pip's warnings stay visible."""
+    pin = f"tdpo-lab @ git+https://github.com/tdpo-lab/tdpo-lab@v{tdpo_lab.__version__}"
+    guards = {name: [c for c in _read(name).cells if c.cell_type == "code"][0].source for name in NOTEBOOKS}
+    for name, guard in guards.items():
+        assert f'"{pin}"' in guard, f"{name}: the install guard must pin {pin!r}"
+        assert '"-q"' not in guard and "torch" not in guard.split("#")[0], f"{name}: quiet, or installs torch"
+    assert len(set(guards.values())) == 1, "every chapter carries the same guard"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_profile_defaults_to_the_machine_and_says_so(name):
+    nb = _read(name)
+    params = _parameters_cell(nb)
+    namespace: dict = {}
+    exec(params.source, namespace)
+    if "profile" not in namespace:  # chapter 03 is pure math on a toy
+        return
+    assert namespace["profile"] is None and namespace["use_drive"] is False
+    after = nb.cells[nb.cells.index(params) + 1]
+    assert "resolve_profile(profile)" in after.source and "print(" in after.source
+    assert "drive_cache(use_drive)" in after.source
 
 
 @pytest.mark.slow

@@ -1,11 +1,15 @@
-"""Packaging: pyproject.toml and environment.yml agree, the console script exists, imports are covered."""
+"""Packaging: pyproject.toml and environment.yml agree, the console script exists, imports are covered, and the
+core install leaves a notebook runtime's own Jupyter stack alone (the notebook tooling is the [notebooks] extra).
+"""
 
 from __future__ import annotations
 
 import ast
 import importlib.metadata
 import re
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,25 @@ else:  # pragma: no cover - Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
+# The notebook runtime a user already has (Colab, a lab server): the core install must not pull or upgrade any
+# of it. Measured: the kit's old core install upgraded Colab's jupyter-client and tornado and added jupyterlab.
+NOTEBOOK_STACK = {
+    "jupyter",
+    "ipykernel",
+    "ipython",
+    "jupyter-client",
+    "jupyter-core",
+    "jupyter-server",
+    "jupyterlab",
+    "notebook",
+    "nbclient",
+    "nbformat",
+    "nbval",
+    "papermill",
+    "tornado",
+}
+# Modules the kit imports that only a particular platform provides (and imports only there).
+PLATFORM_MODULES = {"google": "google.colab, on Colab only (tdpo_lab/colab.py)"}
 
 
 def normalise(requirement: str) -> str:
@@ -38,6 +61,19 @@ def pyproject() -> dict:
 @pytest.fixture(scope="module")
 def environment() -> dict:
     return yaml.safe_load((ROOT / "environment.yml").read_text())
+
+
+def extra(pyproject: dict, name: str) -> list[str]:
+    """The requirements of extra ``name``, with references to the kit's own extras (tdpo-lab[x]) expanded."""
+    own = normalise(pyproject["project"]["name"])
+    out = []
+    for line in pyproject["project"]["optional-dependencies"][name]:
+        if normalise(line) == own:
+            for inner in re.search(r"\[([^\]]*)\]", line).group(1).split(","):
+                out += extra(pyproject, inner.strip())
+        else:
+            out.append(line)
+    return out
 
 
 def _pip_section(environment: dict) -> list[str]:
@@ -83,15 +119,44 @@ def test_environment_yml_basics(pyproject, environment):
 
 def test_console_script_and_dev_extra(pyproject):
     assert pyproject["project"]["scripts"]["tdpo-lab"] == "tdpo_lab.cli:main"
-    dev = {normalise(d) for d in pyproject["project"]["optional-dependencies"]["dev"]}
+    dev = {normalise(d) for d in extra(pyproject, "dev")}
     assert {"pytest", "ruff"} <= dev
+
+
+def test_extra_expands_the_kits_own_extras():
+    project = {
+        "project": {
+            "name": "tdpo-lab",
+            "optional-dependencies": {"a": ["x>=1"], "b": ["y"], "dev": ["tdpo_lab[a, b]", "z"]},
+        }
+    }
+    assert extra(project, "dev") == ["x>=1", "y", "z"]
+
+
+def test_core_install_leaves_the_notebook_runtime_alone(pyproject):
+    """Core = what the package imports; jupyter, ipykernel, nbval, papermill live in [notebooks]; [dev] has them."""
+    core = {normalise(d) for d in pyproject["project"]["dependencies"]}
+    notebooks = {normalise(d) for d in extra(pyproject, "notebooks")}
+    dev = {normalise(d) for d in extra(pyproject, "dev")}
+    assert not core & NOTEBOOK_STACK, (
+        f"core dependencies pull notebook tooling: {sorted(core & NOTEBOOK_STACK)}"
+    )
+    assert {"jupyter", "ipykernel", "nbval", "papermill"} <= notebooks
+    assert notebooks <= dev, (
+        f"[dev] runs the notebooks, so it needs [notebooks]; lacks {sorted(notebooks - dev)}"
+    )
+    # GGUF checkpoints (the smol profile) load through transformers only with gguf and accelerate installed.
+    assert {"gguf", "accelerate"} <= core
+    # Not through a dependency either (checked on the installed metadata of the core's whole closure).
+    pulled = _closure(core) & NOTEBOOK_STACK
+    assert not pulled, f"a core dependency pulls {sorted(pulled)} into a notebook runtime"
 
 
 def test_declared_dependencies_are_installed(pyproject):
     from packaging.requirements import Requirement
 
     problems = []
-    for line in pyproject["project"]["dependencies"] + pyproject["project"]["optional-dependencies"]["dev"]:
+    for line in pyproject["project"]["dependencies"] + extra(pyproject, "dev"):
         requirement = Requirement(line)
         try:
             version = importlib.metadata.version(requirement.name)
@@ -124,25 +189,73 @@ def _closure(names: set[str]) -> set[str]:
     return seen
 
 
+def _imports(tree: ast.AST, *, top_level: bool) -> list[str]:
+    """Absolute imports of a module: those at module level (``top_level``) or those inside functions."""
+    nested = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for inner in ast.walk(node)
+    }
+    modules = []
+    for node in ast.walk(tree):
+        if (id(node) not in nested) != top_level:
+            continue
+        if isinstance(node, ast.Import):
+            modules += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.append(node.module)
+    return modules
+
+
 def test_every_import_of_the_kit_is_covered_by_a_dependency(pyproject):
-    declared = {normalise(d) for d in pyproject["project"]["dependencies"]}
-    reachable = _closure(declared)
+    """Module-level imports: the core install. Imports inside functions: the core or the [notebooks] extra."""
+    core = _closure({normalise(d) for d in pyproject["project"]["dependencies"]})
+    notebooks = _closure({normalise(d) for d in extra(pyproject, "notebooks")})
     providers = importlib.metadata.packages_distributions()
     stdlib = set(sys.stdlib_module_names)
     missing = []
-    for file in sorted((ROOT / "tdpo_lab").glob("*.py")):
-        for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                modules = [node.module]
-            else:
-                continue
-            for module in modules:
+    for file in sorted((ROOT / "tdpo_lab").rglob("*.py")):
+        tree = ast.parse(file.read_text())
+        for top_level in (True, False):
+            for module in _imports(tree, top_level=top_level):
                 top = module.split(".")[0]
-                if top in stdlib or top == "tdpo_lab":
+                if top in stdlib or top == "tdpo_lab" or top in PLATFORM_MODULES:
                     continue
                 dists = {normalise(d) for d in providers.get(top, [])}
-                if not dists & reachable:
-                    missing.append(f"{file.name}: import {module} (distribution {sorted(dists) or '?'})")
+                if dists & core or (not top_level and dists & notebooks):
+                    continue
+                where = "at module level, so the core install" if top_level else "the core or [notebooks]"
+                missing.append(
+                    f"{file.name}: import {module} (distribution {sorted(dists) or '?'}) not in {where}"
+                )
     assert not missing, missing
+
+
+def test_the_kit_works_without_the_notebook_tooling():
+    """Every module imports with jupyter, papermill and friends absent; executing a chapter says what to install."""
+    blocked = sorted(m.replace("-", "_") for m in NOTEBOOK_STACK | {"IPython", "jupyter_client", "nbclient"})
+    code = textwrap.dedent(
+        f"""
+        import importlib, pkgutil, sys
+        for name in {blocked!r}:
+            sys.modules[name] = None  # import raises ModuleNotFoundError, importlib.util.find_spec gives None
+        import tdpo_lab
+        for info in pkgutil.walk_packages(tdpo_lab.__path__, "tdpo_lab."):
+            importlib.import_module(info.name)
+        from pathlib import Path
+        from tdpo_lab.chapters import NotebookToolsMissing, notebook_parameters, run_chapters
+        for call in (lambda: notebook_parameters(Path("x.ipynb")), lambda: run_chapters(Path("."), [], Path("."), {{}}, 1)):
+            try:
+                call()
+            except NotebookToolsMissing as exc:
+                print(exc)
+            else:
+                raise SystemExit("no NotebookToolsMissing")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and all('pip install "tdpo-lab[notebooks]"' in line for line in lines), lines
+    assert "papermill" in lines[0] and "ipykernel" in lines[1], lines

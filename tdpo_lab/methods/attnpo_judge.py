@@ -1,9 +1,10 @@
 """AttentionPO's judge weights (TwDPO, Huang et al., "Token-weighted Direct Preference Optimization with
 Attention", arXiv 2605.21883).
 
-The frozen reference model is asked, in plain text, which of two continuations is better; the attention of
-the last token of that question on each continuation's tokens becomes its weights (:func:`attention_weights`),
-with the attention-sink fix (:func:`fix_attention_sink`). Computed once per pair before training.
+The frozen reference model is asked which of two continuations is better (in plain text, or through its own
+chat template when it has one: :mod:`tdpo_lab.methods.attnpo_prompt`); the attention of the last token of that
+question on each continuation's tokens becomes its weights (:func:`attention_weights`), with the attention-sink
+fix (:func:`fix_attention_sink`). Computed once per pair before training.
 Normalised so that uniform attention gives weight 1 everywhere (the loss then reduces to DPO's).
 docs/methods.md section 5. Derived in notebooks/07_attention_po.ipynb.
 
@@ -20,8 +21,11 @@ from collections.abc import Sequence
 import torch
 
 from tdpo_lab.methods._common import abbrev, eval_mode, model_device
+from tdpo_lab.methods.attnpo_prompt import CHAT_JUDGE_TEMPLATE, JUDGE_TEMPLATE, judge_prompt, judge_text
 
 __all__ = [
+    "CHAT_JUDGE_TEMPLATE",
+    "JUDGE_KEY",
     "JUDGE_TEMPLATE",
     "SINK_MIN_LENGTH",
     "align_weights",
@@ -31,63 +35,13 @@ __all__ = [
     "judge_text",
 ]
 
-# The AttentionPO judge prompt, adapted to a base language model without a chat template (GPT-2). The
-# official prompt (HCY123902/AttentionPO) is an instruction for chat models with tagged answer blocks; this
-# is a plain-text adaptation, not a replication. Each slot is filled by :func:`judge_text`, which places a
-# text starting with whitespace right after the colon and any other text on the next line, so that every
-# response is tokenised in the judge text exactly as on its own (byte-level BPE never merges across the
-# colon/whitespace or newline/non-whitespace boundary this creates). The query is the last token ("Answer:").
-JUDGE_TEMPLATE = (
-    "Here is the opening of a movie review, followed by two possible continuations of it, A and B.\n"
-    "Review opening:{prompt}\n"
-    "Continuation A:{answer_a}\n"
-    "Continuation B:{answer_b}\n"
-    "Which continuation is more positive and fluent, A or B? Answer:"
-)
-
 # The attention-sink fix is applied only to responses of at least this many tokens (docs/methods.md section 5.5).
 SINK_MIN_LENGTH = 5
 
-_SLOTS = ("{prompt}", "{answer_a}", "{answer_b}")
-_ASCII_SPACE = " \t\n\r\x0b\x0c"
-
-
-def _slot(text: str) -> str:
-    # Text starting with whitespace goes right after the colon (":" never merges with whitespace); anything
-    # else goes on its own line ("\n" merges only with whitespace). Either way the text's first BPE
-    # pre-token starts exactly where the text starts, as when it is tokenised alone.
-    return text if text[:1] and text[0] in _ASCII_SPACE else "\n" + text
-
-
-def judge_text(
-    prompt: str, answer_a: str, answer_b: str, *, template: str = JUDGE_TEMPLATE
-) -> tuple[str, tuple[int, int], tuple[int, int]]:
-    """Fill the judge template; return the text and the character spans ``[start, end)`` of both answers.
-
-    The template needs ``{prompt}``, ``{answer_a}`` and ``{answer_b}`` once each, in this order; no other
-    braces are interpreted (answers may contain braces). See :data:`JUDGE_TEMPLATE` for how slots are filled.
-    """
-    where = [template.find(slot) for slot in _SLOTS]
-    if any(i < 0 for i in where) or any(template.count(s) != 1 for s in _SLOTS) or where != sorted(where):
-        raise ValueError(
-            "the judge template must contain {prompt}, {answer_a} and {answer_b} exactly once each, in this "
-            f"order; got {abbrev(template, 120)}."
-        )
-    pieces: list[str] = []
-    spans: list[tuple[int, int]] = []
-    cursor = 0
-    length = 0
-    for slot, pos, value in zip(_SLOTS, where, (prompt, answer_a, answer_b), strict=True):
-        literal = template[cursor:pos]
-        filled = _slot(value) if value else ""
-        pieces += [literal, filled]
-        length += len(literal)
-        start = length + len(filled) - len(value)
-        length += len(filled)
-        spans.append((start, length))
-        cursor = pos + len(slot)
-    pieces.append(template[cursor:])
-    return "".join(pieces), spans[1], spans[2]
+# What the judge weights depend on besides the pairs and the judge knobs: both judge texts (which one is used
+# follows from the tokenizer, itself part of the pairs' key upstream) and the sink threshold. The pipeline's
+# "judge" stage key covers it, so a change of either template builds new weights.
+JUDGE_KEY = (JUDGE_TEMPLATE, CHAT_JUDGE_TEMPLATE, SINK_MIN_LENGTH)
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:
@@ -99,14 +53,18 @@ def _max_positions(model: torch.nn.Module) -> int | None:
     return None
 
 
-def _encode_judge(tokenizer, prompt: str, answer_a: str, answer_b: str, template: str, max_len: int | None):
-    """Tokenise the judge text; drop prompt tokens from the left until it fits ``max_len``."""
+def _encode_judge(
+    tokenizer, prompt: str, answer_a: str, answer_b: str, template: str | None, chat: bool | None, max_len
+):
+    """Tokenise the judge text (:func:`judge_prompt`); drop prompt tokens from the left until it fits ``max_len``."""
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     drop = 0
     while True:
         kept = tokenizer.decode(p_ids[drop:], clean_up_tokenization_spaces=False) if drop else prompt
-        text, span_a, span_b = judge_text(kept, answer_a, answer_b, template=template)
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        text, span_a, span_b, special = judge_prompt(
+            tokenizer, kept, answer_a, answer_b, template=template, chat=chat
+        )
+        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
         n_tokens = len(enc["input_ids"])
         if max_len is None or n_tokens <= max_len:
             if drop:
@@ -237,12 +195,16 @@ def attention_weights(
     layer: int = -1,
     fix_sink: bool = True,
     layer_mean: bool = False,
-    template: str = JUDGE_TEMPLATE,
+    template: str | None = None,
+    chat: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AttentionPO token weights of the chosen and the rejected response (docs/methods.md section 5).
 
-    Two forward passes of the judge text (:data:`JUDGE_TEMPLATE`): A = chosen, B = rejected, then swapped.
-    In each, the query is the last token of the judge text; its attention row is taken from layer ``layer``
+    Two forward passes of the judge text: A = chosen, B = rejected, then swapped. The text is
+    :data:`JUDGE_TEMPLATE` in plain text, or, for a tokenizer with a chat template, :data:`CHAT_JUDGE_TEMPLATE`
+    as the user turn of that template followed by the assistant's generation prompt (the model judges itself,
+    as the paper intends; :func:`~tdpo_lab.methods.attnpo_prompt.judge_prompt`). In each, the query is the last
+    token of the judge text; its attention row is taken from layer ``layer``
     (or averaged over all layers with ``layer_mean``), averaged over heads, and read at each response's
     tokens, located through the tokenizer's offset mapping from the known character spans of the responses.
     Per response: :func:`attention_to_weights` (normalise each order, average, sink fix, scale to sum n).
@@ -260,7 +222,8 @@ def attention_weights(
         layer: which layer's attention (-1 = last).
         fix_sink: apply the attention-sink fix (responses of >= 5 tokens).
         layer_mean: average the attention over all layers instead of ``layer``.
-        template: judge template (see :func:`judge_text`).
+        template: judge template (see :func:`judge_text`); ``None`` = the default of the form used.
+        chat: ``None`` = through the chat template when the tokenizer has one; ``True``/``False`` force it.
 
     Returns:
         ``(w_chosen, w_rejected)``: 1-D float32 tensors (CPU), one weight per token of the response's own
@@ -292,7 +255,7 @@ def attention_weights(
     for first, second in (("chosen", "rejected"), ("rejected", "chosen")):
         texts = {"chosen": chosen, "rejected": rejected}
         _, span_a, span_b, enc = _encode_judge(
-            tokenizer, prompt, texts[first], texts[second], template, max_len
+            tokenizer, prompt, texts[first], texts[second], template, chat, max_len
         )
         idx_a = _locate(enc, span_a, expected[first], first, texts[first])
         idx_b = _locate(enc, span_b, expected[second], second, texts[second])

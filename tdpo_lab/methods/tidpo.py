@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tdpo_lab.data import collate_sequences
-from tdpo_lab.generation import sample_fast
-from tdpo_lab.logprobs import TokenStats, token_stats
+from tdpo_lab.data import IGNORE_INDEX, collate_ids
+from tdpo_lab.generation import decode_response, encode_prompts, sample_ids_fast
+from tdpo_lab.logprobs import TokenStats
 from tdpo_lab.methods.base import Method, PairTerms, StepContext
 from tdpo_lab.methods.tdpo2 import tdpo2_logit
 from tdpo_lab.methods.tidpo_importance import hybrid_weights, saliency_from_graph
@@ -141,11 +141,20 @@ def triplet_term(
 ) -> tuple[Tensor, int]:
     """TI-DPO's triplet loss (docs/methods.md section 4): anchor sampled from the policy, features = log-ratios.
 
-    Returns (loss, number of pairs skipped because the anchor came back empty).
+    Returns (loss, number of pairs skipped because the anchor came back empty: nothing but whitespace before
+    its EOS, e.g. EOS as its first token).
+
+    The anchor is scored on the very tokens the policy drew: each row is the prompt's ids as the sampler
+    saw them (:func:`tdpo_lab.generation.encode_prompts`), the drawn tokens before the first EOS, then EOS
+    (appended, as for every response in the kit, when the anchor ran to ``anchor_max_new_tokens``). Decoding
+    the draw and tokenising the text again would not always give these ids back. Its features are
+    ``log pi_theta - log pi_ref`` of those tokens (:func:`response_logratios`); the exact KL that
+    :func:`tdpo_lab.logprobs.token_stats` adds is not needed here.
     """
+    eos = tokenizer.eos_token_id
     # The KV-cache sampler, not generate: the same law, a fraction of the per-token overhead, and the anchor
     # is drawn at every step (benchmarks/README.md, "train step").
-    anchors = sample_fast(
+    drawn = sample_ids_fast(
         policy,
         tokenizer,
         prompts,
@@ -157,27 +166,61 @@ def triplet_term(
         batch_size=len(prompts),
         seed=step_seed,
     )
-    anchors = [group[0] for group in anchors]
-    keep = [i for i, text in enumerate(anchors) if text.strip()]
+    keep, responses = [], []
+    for i, (tokens,) in enumerate(drawn):
+        body = tokens[: tokens.index(eos)] if eos in tokens else tokens
+        if decode_response(tokenizer, body, eos).strip():  # the text an anchor shows; empty = skipped
+            keep.append(i)
+            responses.append(body + [eos])
     skipped = len(prompts) - len(keep)
     if not keep:
         return torch.zeros((), device=device), skipped
-    batch = collate_sequences(tokenizer, [prompts[i] for i in keep], [anchors[i] for i in keep])
-    with torch.no_grad():
-        ref_logits = _logits(reference, batch, device)
-    anchor = token_stats(_logits(policy, batch, device), ref_logits, batch["labels"].to(device))
+    prompt_ids = encode_prompts(tokenizer, [prompts[i] for i in keep])
+    a, a_mask = response_logratios(policy, reference, collate_ids(prompt_ids, responses, eos), device)
     half = stats.logps.shape[0] // 2
     ratio = stats.logps - stats.ref_logps
-    a, a_mask = left_align(anchor.logps - anchor.ref_logps, anchor.mask)
     w, w_mask = left_align(ratio[:half][keep], stats.mask[:half][keep])
     lo, lo_mask = left_align(ratio[half:][keep], stats.mask[half:][keep])
     return triplet_loss(a, a_mask, w, w_mask, lo, lo_mask, margin=cfg.triplet_margin), skipped
 
 
-def _logits(model, batch: dict, device) -> Tensor:
-    return model(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-    ).logits
+def response_logratios(policy, reference, batch: dict, device) -> tuple[Tensor, Tensor]:
+    """log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t) of each row's response tokens, left-aligned: ``[N, L]``, mask.
+
+    ``batch``: right-padded ``input_ids``, ``attention_mask``, ``labels`` ``[N, T]`` (-100 off the response,
+    :func:`tdpo_lab.data.collate_ids`). The features :func:`triplet_loss` takes: equal to :func:`left_align`
+    of :func:`tdpo_lab.logprobs.token_stats`' ``log_ratio`` and mask on the same batch, without the KL over the
+    vocabulary, and the output layer runs only at the positions that predict a response token (not at the
+    prompt, the last token or the padding). Gradient flows to the policy only.
+    """
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    shifted = batch["labels"][:, 1:].to(device)
+    mask = shifted != IGNORE_INDEX  # [N, T-1]: position t predicts labels[:, t + 1]
+    targets = shifted[mask]
+    with torch.no_grad():
+        ref = _response_logps(reference, input_ids, attention_mask, mask, targets)
+    ratio = _response_logps(policy, input_ids, attention_mask, mask, targets) - ref  # [R], row-major
+    counts = mask.sum(dim=1)
+    aligned = torch.arange(int(counts.max()), device=device)[None, :] < counts[:, None]
+    # mask's True entries in row-major order are each row's response positions in order: row i's j-th
+    # value lands at column j, which is left_align's layout
+    return ratio.new_zeros(aligned.shape).masked_scatter(aligned, ratio), aligned
+
+
+def _response_logps(
+    model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, targets: Tensor
+) -> Tensor:
+    """log pi(y_t|s_t) at the ``[N, T-1]`` ``mask`` positions (row-major), ``[R]``: fp32 (fp64 for fp64).
+
+    The model's logits are its output layer applied to its base model's last hidden state (GPT-2; the
+    saliency reads them the same way, :func:`saliency_weights`), so only the rows that are needed go
+    through the output layer.
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask])  # [R, V]
+    z = logits.double() if logits.dtype == torch.float64 else logits.float()
+    return -F.cross_entropy(z, targets, reduction="none")  # z[y] - logsumexp(z), one fused kernel each way
 
 
 TIDPO = Method(
