@@ -21,7 +21,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GPT2Steps", "ModelSteps", "cached_steps"]
+__all__ = ["GPT2Steps", "ModelSteps", "cached_steps", "gpt2_block_from_attention"]
 
 
 def cached_steps(model, mask: torch.Tensor):
@@ -102,20 +102,39 @@ class GPT2Steps:
         x = body.wte(ids) + body.wpe(positions)  # [B, n, d]
         d = x.shape[-1]
         for block, kv in zip(body.h, self.kv, strict=True):
-            attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2
+            ln_1 = block.ln_1
             h = F.layer_norm(x, (d,), ln_1.weight, ln_1.bias, ln_1.eps).view(-1, d)
-            qkv = torch.addmm(attn.c_attn.bias, h, attn.c_attn.weight).view(rows, n, 3, kv.shape[2], -1)
+            qkv = torch.addmm(block.attn.c_attn.bias, h, block.attn.c_attn.weight).view(
+                rows, n, 3, kv.shape[2], -1
+            )
             kv[:, :, :, start : self.seen] = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)  # [2, B, heads, n, d_head]
             q = qkv[:, :, 0].transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, kv[0, :, :, : self.seen], kv[1, :, :, : self.seen], attend)
-            x = x + torch.addmm(
-                attn.c_proj.bias, a.transpose(1, 2).reshape(-1, d), attn.c_proj.weight
-            ).view_as(x)
-            h = F.layer_norm(x, (d,), ln_2.weight, ln_2.bias, ln_2.eps).view(-1, d)
-            h = mlp.act(torch.addmm(mlp.c_fc.bias, h, mlp.c_fc.weight))
-            x = x + torch.addmm(mlp.c_proj.bias, h, mlp.c_proj.weight).view_as(x)
+            x = gpt2_block_from_attention(
+                block, x, q, kv[0, :, :, : self.seen], kv[1, :, :, : self.seen], attend
+            )
         ln_f = body.ln_f
         return self.head(F.layer_norm(x[:, -1], (d,), ln_f.weight, ln_f.bias, ln_f.eps))
+
+
+def gpt2_block_from_attention(
+    block, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend
+):
+    """The rest of a GPT-2 block once its ``c_attn`` has run: the block's output ``[B, n, d]`` at ``n`` columns.
+
+    ``x`` ``[B, n, d]``: the block's input at those columns; ``q`` ``[B, heads, n, d_head]`` their queries;
+    ``k``, ``v`` ``[B, heads, columns, d_head]`` the keys and values they may attend to, ``attend`` a bool mask
+    broadcastable to ``[B, heads, n, columns]``. Scaled dot-product attention, ``c_proj``, residual, ``ln_2``,
+    ``c_fc``, the block's own activation module, ``c_proj``, residual: the arithmetic of transformers' GPT-2
+    block (its Conv1D layers are ``addmm``), in eval mode. :class:`GPT2Steps` runs it at the new columns;
+    TI-DPO's attribution at each row's last position (:func:`tdpo_lab.methods.tidpo_importance.saliency_from_last_block`).
+    """
+    attn, mlp, ln_2 = block.attn, block.mlp, block.ln_2
+    d = x.shape[-1]
+    a = F.scaled_dot_product_attention(q, k, v, attend).transpose(1, 2).reshape(-1, d)
+    x = x + torch.addmm(attn.c_proj.bias, a, attn.c_proj.weight).view_as(x)
+    h = F.layer_norm(x, (d,), ln_2.weight, ln_2.bias, ln_2.eps).view(-1, d)
+    h = mlp.act(torch.addmm(mlp.c_fc.bias, h, mlp.c_fc.weight))
+    return x + torch.addmm(mlp.c_proj.bias, h, mlp.c_proj.weight).view_as(x)
 
 
 def _foreign_hooks(module) -> bool:

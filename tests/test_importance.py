@@ -663,6 +663,59 @@ def test_saliency_from_an_existing_graph_equals_gradient_saliency():
     assert model.get_input_embeddings().weight.grad is not None
 
 
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_saliency_from_the_last_block_equals_gradient_saliency(padding):
+    """On GPT-2 the training step re-derives the target from the last block's input at the last positions."""
+    from toy import make_model, make_tokenizer
+
+    from tdpo_lab.methods.tidpo_importance import saliency_from_last_block
+
+    tok = make_tokenizer()
+    model = make_model(tok, seed=4)
+    rows = [tok(t)["input_ids"] for t in ("the plot made no sense", "I loved every scene of it", "a film")]
+    width = max(len(r) for r in rows)
+    pad = [[tok.eos_token_id] * (width - len(r)) for r in rows]
+    ids = torch.tensor([r + p if padding == "right" else p + r for r, p in zip(rows, pad, strict=True)])
+    ones = [[1] * len(r) for r in rows]
+    zeros = [[0] * len(p) for p in pad]
+    mask = torch.tensor([o + z if padding == "right" else z + o for o, z in zip(ones, zeros, strict=True)])
+    expected = gradient_saliency(model, ids, mask)
+    qkv = []
+    hook = model.transformer.h[-1].attn.c_attn.register_forward_hook(lambda m, args, out: qkv.append(out))
+    embeds = model.get_input_embeddings()(ids)
+    out = model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+    hook.remove()
+    got = saliency_from_last_block(model, embeds, out.hidden_states[-2], qkv[0], mask, retain_graph=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got[mask.bool()] > 0).all()
+    out.logits.sum().backward()  # the graph was kept for the loss
+
+
+def test_tidpo_step_weights_are_the_same_either_way(monkeypatch):
+    """saliency_weights takes the last-block path on GPT-2 and the final-hidden-state path otherwise."""
+    from toy import make_model, make_tokenizer
+
+    from tdpo_lab.data import collate_preference_batch
+    from tdpo_lab.kv_steps import GPT2Steps
+    from tdpo_lab.methods.base import StepContext
+    from tdpo_lab.methods.tidpo import saliency_weights
+
+    tok = make_tokenizer()
+    policy = make_model(tok, seed=3).train()
+    batch = collate_preference_batch(
+        tok, ["this movie", "a film"], [" was great", " made no sense at all"], [" was boring", " was nice"]
+    )
+    cfg = SimpleNamespace(importance_span="response", lam=0.7, sigma_div=4.0)
+    ctx = StepContext(policy, None, tok, None, batch, batch["labels"], cfg, torch.device("cpu"), 0, None)
+    assert GPT2Steps.applies(policy)
+    weights, logits = saliency_weights(ctx)
+    monkeypatch.setattr(GPT2Steps, "applies", staticmethod(lambda model: False))
+    expected_weights, expected_logits = saliency_weights(ctx)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, expected_logits)
+    assert not policy.transformer.h[-1].attn.c_attn._forward_hooks  # the step's hook is gone
+
+
 # ---------------------------------------------------------------------------------------------------------
 # AttentionPO through a chat template (a chat model judging itself, as the paper intends)
 # ---------------------------------------------------------------------------------------------------------

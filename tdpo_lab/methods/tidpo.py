@@ -21,10 +21,11 @@ from torch import Tensor
 
 from tdpo_lab.data import IGNORE_INDEX, collate_ids
 from tdpo_lab.generation import decode_response, encode_prompts, sample_ids_fast
+from tdpo_lab.kv_steps import GPT2Steps
 from tdpo_lab.logprobs import TokenStats
 from tdpo_lab.methods.base import Method, PairTerms, StepContext
 from tdpo_lab.methods.tdpo2 import tdpo2_logit
-from tdpo_lab.methods.tidpo_importance import hybrid_weights, saliency_from_graph
+from tdpo_lab.methods.tidpo_importance import hybrid_weights, saliency_from_graph, saliency_from_last_block
 
 
 def tidpo_loss(terms: PairTerms, *, beta: float, alpha: float) -> Tensor:
@@ -36,19 +37,41 @@ def saliency_weights(ctx: StepContext) -> tuple[Tensor, Tensor]:
     """TI-DPO's weights ``[N, T-1]`` read off the policy's own forward pass, and that pass's logits.
 
     One forward serves both: the saliency is the gradient of the logits w.r.t. the input embeddings
-    (kept in the graph, ``retain_graph``), and the same logits then give the loss.
+    (kept in the graph, ``retain_graph``), and the same logits then give the loss. On a plain GPT-2 the
+    target is re-derived from the last block's input at the last positions only
+    (:func:`saliency_from_last_block`); otherwise read off the final hidden state (:func:`saliency_from_graph`).
     """
+    policy = ctx.policy
     input_ids = ctx.batch["input_ids"].to(ctx.device)
     attention_mask = ctx.batch["attention_mask"].to(ctx.device)
-    embeds = ctx.policy.get_input_embeddings()(input_ids)
-    out = ctx.policy(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True)
-    head = ctx.policy.get_output_embeddings()
-    saliency = saliency_from_graph(
-        out.hidden_states[-1], embeds, attention_mask, retain_graph=True, head=head
-    )
+    embeds = policy.get_input_embeddings()(input_ids)
+    qkv: list[Tensor] = []  # the last block's c_attn output, kept by a hook during the forward
+    hook = None
+    if GPT2Steps.applies(policy) and not (policy.training and _has_dropout(policy)):
+        hook = policy.transformer.h[-1].attn.c_attn.register_forward_hook(
+            lambda m, args, out: qkv.append(out)
+        )
+    try:
+        out = policy(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if qkv:
+        saliency = saliency_from_last_block(
+            policy, embeds, out.hidden_states[-2], qkv[0], attention_mask, retain_graph=True
+        )
+    else:
+        head = policy.get_output_embeddings()
+        saliency = saliency_from_graph(
+            out.hidden_states[-1], embeds, attention_mask, retain_graph=True, head=head
+        )
     span = ctx.labels != -100 if ctx.cfg.importance_span == "response" else attention_mask.bool()
     weights = hybrid_weights(saliency, span, lam=ctx.cfg.lam, sigma_div=ctx.cfg.sigma_div)
     return weights[:, 1:], out.logits  # the weight of token t sits at shifted-label position t - 1
+
+
+def _has_dropout(model) -> bool:
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def triplet_extra_loss(ctx: StepContext, stats) -> tuple[Tensor, dict] | None:
