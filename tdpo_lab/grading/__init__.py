@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-__all__ = ["ExerciseError", "check_close", "check_grad", "passed"]
+__all__ = ["ExerciseError", "check_close", "check_grad", "num_pairs", "passed"]
 
 
 class ExerciseError(AssertionError):
@@ -120,6 +120,18 @@ def check_grad(
     g_mine = torch.zeros_like(wrt) if g_mine is None else g_mine
     g_want = torch.zeros_like(wrt) if g_want is None else g_want
     check_close(g_mine, g_want, name=f"the gradient of {name}", mistakes=mistakes, hint=hint)
+
+
+def num_pairs(stats) -> int:
+    """B, the number of pairs of a ``TokenStats`` batch of 2B rows (chosen rows, then rejected rows)."""
+    from tdpo_lab.logprobs import TokenStats
+
+    if not isinstance(stats, TokenStats):
+        raise TypeError(f"stats must be a tdpo_lab.logprobs.TokenStats, got {type(stats).__name__}")
+    rows = stats.logps.shape[0]
+    if rows == 0 or rows % 2:
+        raise ValueError(f"a preference batch has 2B rows (chosen, then rejected), got {rows}")
+    return rows // 2
 
 
 def passed(what: str) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tdpo_lab.grading import ExerciseError, check_close, check_grad, passed
+from tdpo_lab.grading import ExerciseError, check_close, check_grad, num_pairs, passed
 from tdpo_lab.logprobs import TokenStats
 from tdpo_lab.methods import preference_loss
 
@@ -39,15 +39,6 @@ NEIGHBOURS = (
     "chosen and rejected are paired as neighbouring rows (0 with 1, 2 with 3, ...): rows [:B] are the chosen "
     "responses and row B + i is the rejected response of pair i"
 )
-
-
-def _num_pairs(stats: TokenStats) -> int:
-    if not isinstance(stats, TokenStats):
-        raise TypeError(f"stats must be a tdpo_lab.logprobs.TokenStats, got {type(stats).__name__}")
-    rows = stats.logps.shape[0]
-    if rows == 0 or rows % 2:
-        raise ValueError(f"a preference batch has 2B rows (chosen, then rejected), got {rows}")
-    return rows // 2
 
 
 def _row_sums(stats: TokenStats, values: Tensor) -> Tensor:
@@ -78,7 +69,7 @@ def check_dpo_loss(mine, stats: TokenStats, beta: float, *, wrt: Tensor | None =
     logits ``stats`` was computed from), the gradient with respect to it. Not with respect to ``stats.logps``:
     a plain sum over the time axis also reaches the masked positions, whose log-probabilities are constants.
     """
-    _num_pairs(stats)
+    num_pairs(stats)
     want = preference_loss("dpo", stats, beta=beta).losses
     rows = _views(stats)
     h = _margin(rows["sum"])
@@ -109,7 +100,7 @@ def check_dpo_token_gradient(g_hand, stats: TokenStats, beta: float) -> None:
 
     The reference is autograd through ``preference_loss("dpo", ...)`` on a detached copy of ``stats``.
     """
-    b = _num_pairs(stats)
+    b = num_pairs(stats)
     logps = stats.logps.detach().clone().requires_grad_()
     fresh = TokenStats(logps, stats.ref_logps.detach(), stats.kl.detach(), stats.mask)
     (want,) = torch.autograd.grad(preference_loss("dpo", fresh, beta=beta).losses.sum(), logps)
@@ -206,7 +197,7 @@ def check_reward_accuracy(reward_accuracy: Callable, stats: TokenStats, beta: fl
     """
     if not callable(reward_accuracy):
         raise ExerciseError("reward_accuracy must be a function: def reward_accuracy(stats, beta): ...")
-    _num_pairs(stats)
+    num_pairs(stats)
     plain = TokenStats(*(t.detach() for t in stats))
     batches = {
         "section 1's batch": plain,
@@ -269,7 +260,7 @@ def check_ipo_loss(mine, stats: TokenStats, tau: float, *, wrt: Tensor | None = 
     ``tau`` is the kit's ``beta``; compared with ``preference_loss("ipo", stats, beta=tau).losses`` and, given
     ``wrt`` (the policy logits), in gradient.
     """
-    _num_pairs(stats)
+    num_pairs(stats)
     want = preference_loss("ipo", stats, beta=tau).losses
     rows = _views(stats)
     h = _margin(rows["sum"])

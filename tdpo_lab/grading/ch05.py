@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tdpo_lab.grading import check_close, check_grad, passed
+from tdpo_lab.grading import check_close, check_grad, num_pairs, passed
 from tdpo_lab.logprobs import IGNORE_INDEX, TokenStats, token_stats
 from tdpo_lab.methods import preference_loss
 
@@ -37,18 +37,9 @@ SEQKL_MEAN = (
 )
 
 
-def _pairs(stats: TokenStats) -> int:
-    if not isinstance(stats, TokenStats):
-        raise TypeError(f"stats must be a tdpo_lab.logprobs.TokenStats, got {type(stats).__name__}")
-    rows = stats.logps.shape[0]
-    if rows == 0 or rows % 2:
-        raise ValueError(f"a preference batch has 2B rows (chosen, then rejected), got {rows}")
-    return rows // 2
-
-
 def _terms(stats: TokenStats, *, detach: bool = True) -> dict[str, Tensor]:
     """u' [B], the SeqKLs K_w, K_l [B] and their per-token means, from ``stats`` (the package's sums)."""
-    b = _pairs(stats)
+    b = num_pairs(stats)
     mask = stats.mask.bool()
     logps, ref, kl = (t.detach() if detach else t for t in (stats.logps, stats.ref_logps, stats.kl))
     zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
@@ -224,7 +215,7 @@ def check_token_reward(r_mine, stats: TokenStats, *, beta: float, alpha: float |
     recomputes R per row the same way and checks the means against those metrics. ``alpha`` (optional) only
     lets the check recognise an alpha where none belongs.
     """
-    b = _pairs(stats)
+    b = num_pairs(stats)
     t = _terms(stats)
     ratio, seqkl = t["ratio"], t["seqkl"]
     want = beta * (ratio + seqkl)
