@@ -9,9 +9,10 @@ each later call the token each row drew. Two kinds:
 - :class:`GPT2Steps`: a plain GPT-2 (every model of the tiny profile, and ``gpt2`` from the hub), its forward
   written out on a preallocated cache. The same operations on the same weights, without transformers'
   per-call bookkeeping (argument checks, mask building, cache objects, output classes), which costs more than
-  the arithmetic at 8 rows x 1 token: on the tiny profile it takes a TI-DPO anchor from 0.13 s to 0.11 s
-  (benchmarks/README.md, "train step"). It is checked against :class:`ModelSteps` and against a loop without
-  a cache in tests/test_generation.py.
+  the arithmetic at 8 rows x 1 token: on the tiny profile it takes a TI-DPO anchor from 0.147 s to 0.118 s
+  of CPU time (benchmarks/README.md, "train step"). It is checked against :class:`ModelSteps` and against a
+  loop without a cache in tests/test_generation.py. TI-DPO's attribution reuses its block arithmetic
+  (:func:`gpt2_block_from_attention`).
 """
 
 from __future__ import annotations
