@@ -30,30 +30,8 @@ import statistics
 import time
 
 import numpy as np
-import pandas as pd
 import torch
-
-
-def synthetic_pairs(tokenizer, cfg, n: int) -> pd.DataFrame:
-    """``n`` pairs of real review text: a 2-8 token prefix and two continuations of ``max_new_tokens`` tokens."""
-    from tdpo_lab.data import clean_text, load_imdb, make_prefixes
-
-    test = load_imdb("test", cfg.data_path or None)
-    texts = [clean_text(t) for t in test["text"][: 2 * n]]
-    prompts = make_prefixes(texts[:n], tokenizer, seed=0)
-
-    def continuation(text: str) -> str:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][8 : 8 + cfg.max_new_tokens]
-        return tokenizer.decode(ids)
-
-    return pd.DataFrame(
-        {
-            "prompt": prompts,
-            "chosen": [continuation(t) for t in texts[:n]],
-            "rejected": [continuation(t) for t in texts[n:]],
-            "pair_id": np.arange(n),
-        }
-    )
+from bench_train_step import synthetic_pairs  # benchmarks/ is on the path when run as a script
 
 
 def timed(fn, *args, **kwargs):
@@ -103,7 +81,7 @@ def main() -> None:
 
     # --- judge ------------------------------------------------------------------------------------------
     n_pairs = cfg.batch_size * (args.steps + 1)
-    pairs = synthetic_pairs(tokenizer, cfg, n_pairs)
+    pairs = synthetic_pairs(tokenizer, cfg, n_pairs, split="test")
     state, judge_times = [], []
     for row in pairs.itertuples():
         w, seconds = timed(attention_weights, judge, tokenizer, row.prompt, row.chosen, row.rejected)

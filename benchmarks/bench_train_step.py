@@ -39,10 +39,10 @@ from tdpo_lab.utils import seed_everything
 TARGETS = {"dpo": 1.0, "tdpo1": None, "tdpo2": 1.15, "attnpo": 1.05, "tidpo": 1.8}
 
 
-def synthetic_pairs(tokenizer, cfg, n: int) -> pd.DataFrame:
+def synthetic_pairs(tokenizer, cfg, n: int, split: str = "train") -> pd.DataFrame:
     """Pairs of real review text: a 2-8 token prefix and two continuations of about max_new_tokens tokens."""
-    train = load_imdb("train", cfg.data_path or None)
-    texts = [clean_text(t) for t in train["text"][: 2 * n]]
+    reviews = load_imdb(split, cfg.data_path or None)
+    texts = [clean_text(t) for t in reviews["text"][: 2 * n]]
     prompts = make_prefixes(texts[:n], tokenizer, seed=0)
 
     def continuation(text: str) -> str:
