@@ -188,19 +188,8 @@ if MODE == "gpu":
 
 
 # --- 2. speed and memory against the naive full-softmax code (benchmarks/bench_token_stats.py) ---------------
-def naive_full(policy_logits, reference_logits, labels):
-    """Full softmaxes of both models over every position, then mask (the official TDPO code's approach)."""
-    labels = labels[:, 1:].clone()
-    logits, reference = policy_logits[:, :-1, :], reference_logits[:, :-1, :]
-    mask = labels != -100
-    labels[~mask] = 0
-    vocab_logps = logits.log_softmax(-1)
-    reference_ps = reference.softmax(-1)
-    reference_logps = reference_ps.log()
-    kl = (reference_ps * (reference_logps - vocab_logps)).sum(-1)
-    logps = torch.gather(vocab_logps, 2, labels.unsqueeze(2)).squeeze(2)
-    ref_logps = torch.gather(reference_logps, 2, labels.unsqueeze(2)).squeeze(2)
-    return logps * mask, ref_logps * mask, kl * mask
+sys.path.insert(0, "benchmarks")  # the script runs from the repository root (cd above)
+from bench_token_stats import naive_token_stats as naive_full  # noqa: E402  the official code's full-softmax way
 
 
 def timing_inputs(n, t, dtype):

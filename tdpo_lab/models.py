@@ -15,7 +15,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from tdpo_lab.hub import HubUnavailableError, from_pretrained_offline_first
-from tdpo_lab.smol import GGUFError, gguf_support_missing, is_gguf, resolve_gguf
+from tdpo_lab.smol import GGUFError, is_gguf, loadable_gguf
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -143,12 +143,9 @@ def _load_gguf(name: str, kwargs: dict):
     from transformers import AutoModelForCausalLM
 
     try:
-        folder, file = resolve_gguf(name)
+        folder, file = loadable_gguf(name)
     except GGUFError as exc:
         raise ModelError(str(exc)) from exc
-    missing = gguf_support_missing()
-    if missing:
-        raise ModelError(f"cannot load {name!r}: {missing}")
     try:  # transformers 5 can keep GGUF blocks quantised; ask for plain float weights (4.x always dequantises)
         from transformers import GgufConfig
 

@@ -105,6 +105,16 @@ def gguf_support_missing() -> str | None:
     return None
 
 
+def loadable_gguf(name: str) -> tuple[Path, str]:
+    """:func:`resolve_gguf` plus the packages transformers needs to read it; :class:`GGUFError` says what to
+    install when either is missing (the model and the tokenizer loaders turn it into their own error)."""
+    folder, file = resolve_gguf(name)
+    missing = gguf_support_missing()
+    if missing:
+        raise GGUFError(f"cannot load {name!r}: {missing}")
+    return folder, file
+
+
 def smol_missing() -> str | None:
     """``None`` when the smol profile's model can be loaded here, else why not and the command that fixes it."""
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from tdpo_lab.data import clean_text, load_imdb
 from tdpo_lab.hub import HubUnavailableError, from_pretrained_offline_first
 from tdpo_lab.pipeline import Plan
-from tdpo_lab.smol import GGUFError, gguf_support_missing, is_gguf, resolve_gguf
+from tdpo_lab.smol import GGUFError, is_gguf, loadable_gguf
 from tdpo_lab.stages import fetch
 from tdpo_lab.utils import atomic_path, file_sha256
 
@@ -184,12 +184,9 @@ def _gguf_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     try:
-        folder, file = resolve_gguf(name)
+        folder, file = loadable_gguf(name)
     except GGUFError as exc:
-        raise TokenizerError(str(exc)) from exc
-    missing = gguf_support_missing()
-    if missing:
-        raise TokenizerError(f"cannot load the tokenizer of {name!r}: {missing}")
+        raise TokenizerError(f"tokenizer: {exc}") from exc
     return _finish(AutoTokenizer.from_pretrained(str(folder), gguf_file=file), name)
 
 

@@ -74,6 +74,10 @@ def test_missing_gguf_reader_says_what_to_install(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a)
     )
     assert "pip install gguf accelerate" in smol.gguf_support_missing()
+    # the model and tokenizer loaders see it as one error naming the file and the command
+    monkeypatch.setattr(smol, "resolve_gguf", lambda name: (Path("/nowhere"), "m.gguf"))
+    with pytest.raises(GGUFError, match="cannot load 'x.gguf'.*pip install gguf accelerate"):
+        smol.loadable_gguf("x.gguf")
 
 
 def test_judge_key_changes_with_either_template():
