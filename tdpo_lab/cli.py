@@ -3,6 +3,7 @@
     tdpo-lab run --profile tiny --method tdpo2 --beta 0.1 --alpha 0.5 --seed 0 --out runs/tdpo2
     tdpo-lab sweep --methods dpo,tdpo2 --betas 0.1,0.5 --alphas 0.5 --seeds 0,1 --out runs/sweep
     tdpo-lab sweep --notebook notebooks/05_tdpo.ipynb --grid grid.yaml --out runs/nb-sweep
+    tdpo-lab frontier-study --profile tiny --seeds 0,1,2 --jobs 2 --out runs/frontier
     tdpo-lab reproduce --profile tiny --out reproduce
     tdpo-lab collect runs/sweep
 
@@ -16,7 +17,6 @@ import argparse
 import itertools
 import os
 import sys
-import traceback
 from pathlib import Path
 
 from tdpo_lab.chapters import (
@@ -109,8 +109,6 @@ def write_results(root: Path, out: Path | None = None) -> Path:
 def cmd_sweep(args: argparse.Namespace) -> int:
     if args.notebook:
         return _sweep_notebook(args)
-    from tdpo_lab.train import train
-
     root = Path(args.out)
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in method_names()]
@@ -124,17 +122,33 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if alpha is not None:
                 extra["alpha"] = alpha
             points.append(build_config(args, **extra))
-    failures = []
-    for i, cfg in enumerate(points, 1):
-        name = run_name(cfg)
-        print(f"[{i}/{len(points)}] {name}", flush=True)
-        try:
-            train(cfg, root / name, progress=not args.quiet)
-        except Exception as exc:  # one failing point must not stop the others
-            failures.append((name, exc))
-            traceback.print_exc()
+    from tdpo_lab.fanout import train_points
+
+    failures = train_points(
+        points, [root / run_name(c) for c in points], jobs=args.jobs, progress=not args.quiet
+    )
     report = write_results(root)
     print(f"results table: {report} (and results.csv); figures: {root}/frontier.png, {root}/seqkl.png")
+    for name, exc in failures:
+        print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_frontier_study(args: argparse.Namespace) -> int:
+    """The beta-grid frontier study (docs/results_tiny.md): train the grid, then its envelopes and verdicts."""
+    from tdpo_lab.fanout import train_points
+    from tdpo_lab.study import parse_betas, study_configs, write_study
+
+    root = Path(args.out)
+    grid = parse_betas(args.betas)
+    configs = study_configs(lambda **extra: build_config(args, **extra), grid, _ints(args.seeds))
+    failures = []
+    if not args.collect_only:
+        failures = train_points(
+            configs, [root / run_name(c) for c in configs], jobs=args.jobs, progress=not args.quiet
+        )
+    report = write_study(root, grid, Path(args.report) if args.report else root)
+    print(f"frontier study: {report} (table, verdicts), figure beside it")
     for name, exc in failures:
         print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
     return 1 if failures else 0
@@ -258,7 +272,30 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebook", help="execute this chapter once per grid point with papermill")
     p.add_argument("--grid", help="YAML mapping of notebook parameters to lists of values")
     p.add_argument("--out", default="runs/sweep")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="points trained at once (one per GPU on GPUs, one thread each on CPU)",
+    )
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "frontier-study",
+        help="DPO, TDPO1 and TDPO2 over their own beta grids and seeds: frontier envelopes and verdicts",
+    )
+    _common(p)
+    p.add_argument(
+        "--betas",
+        default="",
+        help="per-method grids, e.g. 'dpo=0.1,0.3,1;tdpo2=0.03,0.1' (default: tdpo_lab.study.FRONTIER_BETAS)",
+    )
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--jobs", type=int, default=2, help="points trained at once")
+    p.add_argument("--out", default="runs/frontier", help="run root of the study's runs")
+    p.add_argument("--report", help="folder of frontier_study.md / .png (default: --out)")
+    p.add_argument("--collect-only", action="store_true", help="only write the report from finished runs")
+    p.set_defaults(func=cmd_frontier_study)
 
     p = sub.add_parser("reproduce", help="the main job: execute every notebook in order into --out")
     p.add_argument("--profile", default="tiny", choices=PROFILES)

@@ -44,7 +44,8 @@ class Config:
     # --- identity -----------------------------------------------------------------------------
     profile: str = "tiny"
     fast: bool = False
-    seed: int = 0
+    seed: int = 0  # preference training: batch order, TI-DPO anchors, evaluation samples
+    data_seed: int = 0  # the SFT model and the preference pairs, shared by every training seed
     num_threads: int = 1  # torch CPU threads; 2 threads on 2 shared cores measured slower than 1
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
     cache_dir: str = ""  # "" = $TDPO_LAB_CACHE, else ~/.cache/tdpo_lab
@@ -238,6 +239,10 @@ PROFILE_FAST_OVERRIDES: dict[str, dict[str, object]] = {
 # Fields that change how fast a run goes, never what it computes.
 RUNTIME_FIELDS = ("num_threads", "device", "cache_dir")
 
+# Fields added after runs were published, with the value every earlier run had: they enter a run's folder
+# name and its resume check only when set to something else, so a new knob keeps every earlier run's name.
+LATE_FIELDS: dict[str, object] = {"data_seed": 0}
+
 
 def result_fields(config: dict) -> dict:
     """The fields of a config (as a dict) that can change a run's results under its method."""
@@ -246,7 +251,11 @@ def result_fields(config: dict) -> dict:
     method = config.get("method")
     knobs = knob_methods()
     return {
-        k: v for k, v in config.items() if k not in RUNTIME_FIELDS and (k not in knobs or method in knobs[k])
+        k: v
+        for k, v in config.items()
+        if k not in RUNTIME_FIELDS
+        and (k not in knobs or method in knobs[k])
+        and not (k in LATE_FIELDS and v == LATE_FIELDS[k])
     }
 
 

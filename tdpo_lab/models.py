@@ -168,7 +168,7 @@ def build_model(cfg, tokenizer, *, attn_implementation: str | None = None):
     """The policy/reference architecture of ``cfg`` (on CPU; move it with ``.to(device)``).
 
     ``cfg.model == "scratch"``: a ``GPT2LMHeadModel`` from :func:`small_gpt2_config` with
-    ``len(tokenizer)`` vocabulary entries, initialised from ``cfg.seed`` without touching the global RNG
+    ``len(tokenizer)`` vocabulary entries, initialised from ``cfg.data_seed`` without touching the global RNG
     (the same seed always gives the same weights). Otherwise :func:`load_model` of ``cfg.model`` (a hub
     name, a folder or a GGUF file), checked to cover every token id of ``tokenizer``.
     """
@@ -188,6 +188,6 @@ def build_model(cfg, tokenizer, *, attn_implementation: str | None = None):
     config = small_gpt2_config(cfg, len(tokenizer), tokenizer.eos_token_id)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.data_seed)
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     return disable_dropout(model)

@@ -108,19 +108,23 @@ def _sample_pairs(cfg: Config, folder: Path, *, progress: bool, plan: Plan) -> N
     set_threads(cfg.num_threads)
     model, tokenizer = load_reference(cfg, progress=progress, plan=plan)
     train = load_imdb("train", cfg.data_path or None)
-    order = np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.pair_prompts]
+    order = np.random.default_rng(cfg.data_seed).permutation(len(train))[: cfg.pair_prompts]
     texts = [clean_text(train[int(i)]["text"]) for i in order]
     prompts = make_prefixes(
-        texts, tokenizer, min_tokens=cfg.prefix_min_tokens, max_tokens=cfg.prefix_max_tokens, seed=cfg.seed
+        texts,
+        tokenizer,
+        min_tokens=cfg.prefix_min_tokens,
+        max_tokens=cfg.prefix_max_tokens,
+        seed=cfg.data_seed,
     )
-    samples = sample(  # seeded per batch from cfg.seed inside
+    samples = sample(  # seeded per batch from cfg.data_seed inside
         model,
         tokenizer,
         prompts,
         num_samples=cfg.samples_per_prompt,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.sample_batch_size,
-        seed=cfg.seed,
+        seed=cfg.data_seed,
         progress=progress,
     )
     reward = get_reward(cfg)

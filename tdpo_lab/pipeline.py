@@ -27,7 +27,7 @@ from tdpo_lab.stages import Entry, Stage, split_fingerprint
 
 SFT_FIELDS = (
     "profile",
-    "seed",
+    "data_seed",
     "data_path",
     "max_train_reviews",
     "tokenizer",
@@ -46,7 +46,7 @@ SFT_FIELDS = (
 )
 # The samples depend on the batch size (one RNG seed per batch), so it is part of the key.
 PAIR_FIELDS = (
-    "seed",
+    "data_seed",
     "pair_prompts",
     "samples_per_prompt",
     "max_new_tokens",

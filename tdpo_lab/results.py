@@ -27,6 +27,7 @@ __all__ = [
     "results_markdown",
     "setting_key",
     "summarise",
+    "verdict",
 ]
 
 # --- the table ------------------------------------------------------------------------------------------
@@ -177,6 +178,23 @@ def results_markdown(summary: pd.DataFrame, *, last_step_only: bool = False, dig
             cells.append(value)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def verdict(diff: float, se: float) -> str:
+    """Three-way verdict on a difference in a claim's direction (positive supports it) and its s.e.
+
+    "beyond 2 standard errors" when ``diff > 2 se``, "opposite" when ``diff < -2 se``, else "within noise".
+    With a handful of seeds the standard error is itself uncertain: beyond 2 s.e. is suggestive, not decisive.
+    """
+    if not (np.isfinite(se) and se > 0):
+        raise ValueError(
+            f"a verdict needs a positive, finite standard error; got {se!r} (one seed? run more)"
+        )
+    if diff > 2 * se:
+        return "beyond 2 standard errors"
+    if diff < -2 * se:
+        return "opposite"
+    return "within noise"
 
 
 # --- helpers ------------------------------------------------------------------------------------------

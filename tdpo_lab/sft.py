@@ -6,7 +6,7 @@ its held-out loss as step 0 of the history), so the stage is also the cache of t
 Reviews are cleaned, tokenised, joined with EOS and packed into fixed-length blocks (the standard
 causal-LM recipe). Training is cached by a key over everything it depends on and resumable: a
 checkpoint (model, optimiser, scheduler, step) is written atomically every ``sft_checkpoint_every``
-steps, and the batch of step ``s`` depends only on (seed, s), so a resumed run equals an uninterrupted one.
+steps, and the batch of step ``s`` depends only on (data_seed, s), so a resumed run equals an uninterrupted one.
 
 Derived and run in notebooks/01_sft_reference.ipynb.
 """
@@ -134,7 +134,7 @@ def _train_sft(cfg: Config, root: Path, *, progress: bool, stop_after: int | Non
     eval_blocks = pack_blocks(encode(test_texts), eos, cfg.sft_block_size)
     eval_blocks = eval_blocks[: cfg.sft_eval_batches * cfg.sft_batch_size]
 
-    seed_everything(cfg.seed)
+    seed_everything(cfg.data_seed)
     model = build_model(cfg, tokenizer).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -158,7 +158,7 @@ def _train_sft(cfg: Config, root: Path, *, progress: bool, stop_after: int | Non
     started, tokens = time.perf_counter(), [0]
 
     def step_fn(step: int):
-        idx = torch.as_tensor(batch_schedule(len(train_blocks), cfg.sft_batch_size, step, cfg.seed))
+        idx = torch.as_tensor(batch_schedule(len(train_blocks), cfg.sft_batch_size, step, cfg.data_seed))
         batch = train_blocks[idx].to(device)
         tokens[0] += batch.numel()
         loss = model(input_ids=batch, labels=batch).loss

@@ -98,8 +98,15 @@ def test_pairs_are_ranked_cached_and_keyed(pipeline_cfg):
     mtime = path.stat().st_mtime_ns
     pd.testing.assert_frame_equal(build_pairs(pipeline_cfg, progress=False), df)
     assert path.stat().st_mtime_ns == mtime  # reused, not rebuilt
-    for change in ({"seed": 1}, {"max_new_tokens": 11}, {"min_reward_gap": 0.1}, {"samples_per_prompt": 4}):
+    for change in (
+        {"data_seed": 1},
+        {"max_new_tokens": 11},
+        {"min_reward_gap": 0.1},
+        {"samples_per_prompt": 4},
+    ):
         assert pairs_path(pipeline_cfg.replace(**change)) != path, change
+    # a training seed shares the SFT model and the pairs of its data seed
+    assert pairs_path(pipeline_cfg.replace(seed=1)) == path
     train_pairs, heldout = split_pairs(df, pipeline_cfg)
     assert set(train_pairs["prompt_id"]).isdisjoint(heldout["prompt_id"])
 
