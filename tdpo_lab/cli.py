@@ -184,18 +184,28 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--publish writes the committed chapters: they carry full-profile outputs, not --fast ones"
         )
+    from tdpo_lab.config import default_seeds
+
+    seeds = (
+        _ints(args.seeds) if args.seeds else default_seeds(load_config(args.profile, fast=bool(args.fast)))
+    )
     params = {
         "profile": args.profile,
         "fast": bool(args.fast),
         "run_root": str(out / "runs"),
         "figures_dir": str(out / "figures"),
+        "seeds": seeds,  # read by the chapters that average seeds (05, 08); the others train seed 0
+        "train_jobs": args.jobs,  # runs a chapter trains side by side
     }
     if args.publish:  # plt.show() embeds a PNG only under the inline backend (CI and pytest set Agg)
         from tdpo_lab.publish import INLINE_BACKEND
 
         os.environ["MPLBACKEND"] = INLINE_BACKEND
     started_all = time.perf_counter()
-    print(f"reproduce: {len(names)} notebooks into {out}, up to {args.jobs} at a time", flush=True)
+    print(
+        f"reproduce: {len(names)} notebooks into {out}, up to {args.jobs} at a time; seeds {seeds}",
+        flush=True,
+    )
     failed = run_chapters(source, names, out, params, args.jobs)
     if failed:
         for name in failed:
@@ -210,7 +220,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.publish:
         from tdpo_lab.publish import publish_all
 
-        written = publish_all(out, names, source, profile=args.profile, seeds=[0])
+        written = publish_all(out, names, source, profile=args.profile)
         print(f"published {len(written)} chapters into {source} (outputs, figures, provenance)")
     if (out / "runs").is_dir():
         report = write_results(out / "runs", out)
@@ -303,6 +313,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reproduce")
     p.add_argument("--only", help="comma-separated notebook number prefixes, e.g. 00,01")
     p.add_argument("--notebooks", help="folder of the chapters (default: the checkout's notebooks/)")
+    p.add_argument(
+        "--seeds",
+        help="training seeds the results chapters average (default: 0,1,2 on the full tiny profile, else 0)",
+    )
     p.add_argument(
         "--jobs",
         type=int,

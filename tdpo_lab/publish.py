@@ -108,9 +108,18 @@ def chapter_minutes(executed: Path) -> float | None:
     return None if duration is None else float(duration) / 60.0
 
 
-def publish_all(
-    out: Path, names: list[str], target_dir: Path, *, profile: str, seeds: list[int]
-) -> list[Path]:
+def chapter_seeds(executed: Path) -> list[int]:
+    """The training seeds an executed chapter used: its ``seeds`` parameter, else its ``seed`` (default 0)."""
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    given = nb.metadata.get("papermill", {}).get("parameters", {})
+    if given.get("seeds") is not None:
+        return [int(s) for s in given["seeds"]]
+    return [int(given.get("seed", 0))]
+
+
+def publish_all(out: Path, names: list[str], target_dir: Path, *, profile: str) -> list[Path]:
     """Publish every executed chapter of ``out`` into ``target_dir``; returns the written paths."""
     from tdpo_lab.config import load_config
 
@@ -119,7 +128,10 @@ def publish_all(
     written = []
     for name in names:
         record = provenance(
-            profile=profile, fast=False, seeds=seeds, wall_minutes=chapter_minutes(out / name)
+            profile=profile,
+            fast=False,
+            seeds=chapter_seeds(out / name),
+            wall_minutes=chapter_minutes(out / name),
         )
         publish_chapter(out / name, target_dir / name, record, replacements)
         written.append(target_dir / name)

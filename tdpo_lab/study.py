@@ -8,8 +8,7 @@ frontier over several beta values; this module does the same (docs/methods.md se
 2. each evaluation step of each (method, beta) is averaged over seeds (:func:`tdpo_lab.results.summarise`),
    giving *seed-mean checkpoints* with the standard error of that mean;
 3. a method's frontier is the **upper envelope** of its seed-mean checkpoints over all its betas (never the
-   best seed): the checkpoints no other checkpoint beats with at least as much reward for at most as much KL,
-   joined by straight segments from the SFT point;
+   best seed): F(k), the highest reward on any of its curves (checkpoints joined in step order) at KL <= k;
 4. two methods are compared on their envelopes at KL budgets both reach, each difference with its standard
    error and a three-way verdict (:func:`tdpo_lab.results.verdict`).
 
@@ -73,64 +72,87 @@ def study_configs(
     return [make(method=m, beta=b, seed=s) for m, betas in grid.items() for b in betas for s in seeds]
 
 
-# --- envelopes ----------------------------------------------------------------------------------------------
+# --- envelopes ---------------------------------------------------------------------------------------------
 
 
-def seed_mean_checkpoints(summary: pd.DataFrame, method: str) -> pd.DataFrame:
-    """Every (beta, alpha, step) of ``method`` in a :func:`~tdpo_lab.results.summarise` table, seed means."""
-    rows = summary[summary["method"] == method]
-    columns = ["beta", "alpha", "step", "n_seeds", "kl_seq", "kl_seq_se", "reward", "reward_se"]
-    return rows[columns].reset_index(drop=True)
+def method_curves(summary: pd.DataFrame, method: str) -> list[pd.DataFrame]:
+    """One curve per (beta, alpha) of ``method``: its seed-mean checkpoints in step order.
 
-
-def upper_envelope(points: pd.DataFrame) -> pd.DataFrame:
-    """The checkpoints not dominated by another (more reward for no more KL), in increasing KL.
-
-    The SFT point (step 0, the same model for every setting) is kept once, as the envelope's start.
+    ``reward_se`` is the standard error of the mean over seeds (each seed's value being its mean over
+    samples); with a single seed there is none, and ``reward_se`` falls back to the standard error over
+    prompts of that one run (``se_source`` says which).
     """
-    start = points[points["step"] == 0]
-    rest = points[points["step"] != 0].sort_values(["kl_seq", "reward"], ascending=[True, False])
-    kept = []
-    if len(start):
-        kept.append(start.iloc[[0]].assign(kl_seq=0.0, kl_seq_se=0.0))
-    best = start["reward"].max() if len(start) else -np.inf
-    for _, row in rest.iterrows():
-        if row["reward"] > best:
-            kept.append(row.to_frame().T)
-            best = row["reward"]
-    return pd.concat(kept, ignore_index=True).astype({"kl_seq": float, "reward": float, "reward_se": float})
+    rows = summary[summary["method"] == method]
+    curves = []
+    for _, curve in rows.groupby(["beta", "alpha"], dropna=False):
+        curve = curve.sort_values("step").copy()
+        several = curve["n_seeds"] > 1
+        if "reward_stderr" in curve.columns:
+            curve["reward_se"] = np.where(several, curve["reward_se"], curve["reward_stderr"])
+        curve["se_source"] = np.where(several, "seeds", "prompts (one seed)")
+        curves.append(curve.reset_index(drop=True))
+    return curves
 
 
-def envelope_at(envelope: pd.DataFrame, budget: float) -> tuple[float, float]:
-    """F(budget): the envelope's reward at KL = budget (straight segments between checkpoints) and its s.e."""
-    kl = envelope["kl_seq"].to_numpy(dtype=float)
-    if budget > kl.max() + 1e-12:
-        raise ValueError(f"budget {budget:.3g} nats lies beyond the envelope's largest KL {kl.max():.3g}")
-    reward = np.interp(budget, kl, envelope["reward"].to_numpy(dtype=float))
-    se = np.interp(budget, kl, envelope["reward_se"].to_numpy(dtype=float))
-    return float(reward), float(se)
+def frontier_value(curves: Sequence[pd.DataFrame], budget: float) -> pd.Series:
+    """F(budget): the highest reward on any curve at KL <= budget, reading along straight segments.
+
+    The running maximum over a method's checkpoints and the points where a segment between two consecutive
+    checkpoints crosses KL = budget: the upper envelope of all its curves, a non-decreasing function of the
+    budget. Returns the reward, the KL and the beta where it is reached, and its standard error (interpolated
+    like the reward on a segment).
+    """
+    best = {"reward": -np.inf, "kl_seq": np.nan, "reward_se": np.nan, "beta": np.nan}
+    for curve in curves:
+        kl, reward, se = (curve[c].to_numpy(dtype=float) for c in ("kl_seq", "reward", "reward_se"))
+        candidates = [(kl[i], reward[i], se[i]) for i in range(len(kl)) if kl[i] <= budget]
+        for i in range(len(kl) - 1):
+            lo, hi = sorted((kl[i], kl[i + 1]))
+            if lo < budget < hi:
+                t = (budget - kl[i]) / (kl[i + 1] - kl[i])
+                candidates.append(
+                    (budget, reward[i] + t * (reward[i + 1] - reward[i]), se[i] + t * (se[i + 1] - se[i]))
+                )
+        for kl_c, r_c, se_c in candidates:
+            if r_c > best["reward"]:
+                best = {
+                    "reward": r_c,
+                    "kl_seq": kl_c,
+                    "reward_se": se_c,
+                    "beta": float(curve["beta"].iloc[0]),
+                }
+    return pd.Series(best)
 
 
-def compare_envelopes(
-    envelopes: Mapping[str, pd.DataFrame], method: str, base: str = "dpo", fractions=BUDGET_FRACTIONS
+def envelope(curves: Sequence[pd.DataFrame], points: int = 200) -> pd.DataFrame:
+    """F(k) on ``points`` budgets from 0 to the largest KL of the curves (for drawing the envelope)."""
+    top = max(float(c["kl_seq"].max()) for c in curves)
+    budgets = np.unique(
+        np.concatenate([np.linspace(0.0, top, points), *[c["kl_seq"].to_numpy(float) for c in curves]])
+    )
+    rows = [frontier_value(curves, k).rename({"kl_seq": "kl_reached"}) for k in budgets]
+    return pd.DataFrame(rows).assign(budget=budgets)
+
+
+def compare_frontiers(
+    curves: Mapping[str, Sequence[pd.DataFrame]], method: str, base: str = "dpo", fractions=BUDGET_FRACTIONS
 ) -> pd.DataFrame:
     """``method`` against ``base`` at budgets ``fractions`` x the largest KL both reach: margins and verdicts."""
-    k_star = min(envelopes[method]["kl_seq"].max(), envelopes[base]["kl_seq"].max())
+    k_star = min(max(float(c["kl_seq"].max()) for c in curves[m]) for m in (method, base))
     rows = []
     for fraction in fractions:
         budget = fraction * k_star
-        r_m, se_m = envelope_at(envelopes[method], budget)
-        r_b, se_b = envelope_at(envelopes[base], budget)
-        diff, se = r_m - r_b, float(np.hypot(se_m, se_b))
+        mine, theirs = frontier_value(curves[method], budget), frontier_value(curves[base], budget)
+        diff, se = mine["reward"] - theirs["reward"], float(np.hypot(mine["reward_se"], theirs["reward_se"]))
         rows.append(
             {
                 "method": method,
                 "base": base,
                 "budget": budget,
-                "reward": r_m,
-                "reward_se": se_m,
-                "base_reward": r_b,
-                "base_reward_se": se_b,
+                "reward": mine["reward"],
+                "reward_se": mine["reward_se"],
+                "base_reward": theirs["reward"],
+                "base_reward_se": theirs["reward_se"],
                 "margin": diff,
                 "margin_se": se,
                 "verdict": verdict(diff, se),
@@ -166,39 +188,50 @@ def study_table(root: str | os.PathLike, grid: Mapping[str, Sequence[float]]) ->
     return table
 
 
-def frontier_study_plot(summary: pd.DataFrame, envelopes: Mapping[str, pd.DataFrame], ax=None):
-    """Seed-mean checkpoints (faint, one marker per beta) and each method's envelope with error bars."""
+def frontier_study_plot(summary: pd.DataFrame, methods: Sequence[str], ax=None):
+    """Each method's seed-mean curves (thin, one marker per beta) and its envelope F(k) with a ±1 s.e. band."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5)) if ax is None else (ax.figure, ax)
+    fig, ax = plt.subplots(figsize=(8.5, 5.2)) if ax is None else (ax.figure, ax)
     markers = ["o", "s", "^", "D", "v", "P"]
-    for method, envelope in envelopes.items():
+    for method in methods:
         color = method_color(method)
-        points = seed_mean_checkpoints(summary, method)
-        for i, (beta, rows) in enumerate(points[points["step"] > 0].groupby("beta")):
-            ax.scatter(
-                rows["kl_seq"],
-                rows["reward"],
+        curves = method_curves(summary, method)
+        for i, curve in enumerate(curves):
+            beta = float(curve["beta"].iloc[0])
+            ax.errorbar(
+                curve["kl_seq"],
+                curve["reward"],
+                xerr=curve["kl_seq_se"],
+                yerr=curve["reward_se"],
                 color=color,
-                alpha=0.35,
+                alpha=0.45,
+                linewidth=0.8,
                 marker=markers[i % len(markers)],
-                s=22,
-                label=f"{method_label(method)} β={beta:g} (checkpoints)",
+                markersize=4,
+                capsize=2,
+                label=f"{method_label(method)} β={beta:g}",
             )
-        ax.errorbar(
-            envelope["kl_seq"],
-            envelope["reward"],
-            xerr=envelope["kl_seq_se"],
-            yerr=envelope["reward_se"],
+        line = envelope(curves)
+        ax.plot(
+            line["budget"],
+            line["reward"],
             color=color,
-            linewidth=2,
-            capsize=3,
+            linewidth=2.4,
             label=f"{method_label(method)} envelope",
+        )
+        ax.fill_between(
+            line["budget"],
+            line["reward"] - line["reward_se"],
+            line["reward"] + line["reward_se"],
+            color=color,
+            alpha=0.15,
+            linewidth=0,
         )
     ax.set_xlabel(r"sequence KL($\pi_\theta \,\|\, \pi_{\mathrm{ref}}$), nats")
     ax.set_ylabel("mean reward of samples (P(positive))")
     n = int(summary["n_seeds"].max())
-    ax.set_title(f"Frontiers over β: upper envelopes of seed-mean checkpoints ({n} seeds, ±1 s.e.)")
+    ax.set_title(f"Frontiers over β: upper envelopes of seed-mean checkpoints ({n} seed(s), ±1 s.e.)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small", ncol=2)
     return fig
@@ -217,8 +250,8 @@ def write_study(root: str | os.PathLike, grid: Mapping[str, Sequence[float]], ou
     table = study_table(root, grid)
     summary = summarise(table)
     methods = [m for m in grid if m in set(summary["method"])]
-    envelopes = {m: upper_envelope(seed_mean_checkpoints(summary, m)) for m in methods}
-    fig = frontier_study_plot(summary, envelopes)
+    curves = {m: method_curves(summary, m) for m in methods}
+    fig = frontier_study_plot(summary, methods)
     fig.savefig(out / "frontier_study.png", dpi=120, bbox_inches="tight")
     lines = [
         "# Frontier study",
@@ -243,7 +276,7 @@ def write_study(root: str | os.PathLike, grid: Mapping[str, Sequence[float]], ou
     for m in methods:
         if m == "dpo":
             continue
-        comparison = compare_envelopes(envelopes, m)
+        comparison = compare_frontiers(curves, m)
         verdicts[m] = dominance_verdict(comparison)
         for row in comparison.itertuples():
             lines.append(
@@ -264,12 +297,12 @@ def write_study(root: str | os.PathLike, grid: Mapping[str, Sequence[float]], ou
 
 __all__ = [
     "FRONTIER_BETAS",
-    "compare_envelopes",
+    "compare_frontiers",
     "dominance_verdict",
-    "envelope_at",
+    "envelope",
+    "frontier_value",
+    "method_curves",
     "parse_betas",
-    "seed_mean_checkpoints",
     "study_configs",
-    "upper_envelope",
     "write_study",
 ]

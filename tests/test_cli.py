@@ -151,3 +151,64 @@ def test_reproduce_names_the_failing_notebook_and_cell(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "01_broken.ipynb" in err and "deliberate failure" in err and "cell" in err
     assert (tmp_path / "out" / "00_ok.ipynb").exists()
+
+
+def test_sweep_jobs_two_gives_the_results_of_jobs_one(small_args, tmp_path):
+    grid = ["--methods", "dpo,tdpo1", "--betas", "0.1", "--seeds", "0,1", *small_args]
+    assert main(["sweep", "--jobs", "1", "--out", str(tmp_path / "one"), *grid]) == 0
+    assert main(["sweep", "--jobs", "2", "--out", str(tmp_path / "two"), *grid]) == 0
+    one, two = (pd.read_csv(tmp_path / name / "runs.csv") for name in ("one", "two"))
+    assert len(one) == len(two) > 0
+    numeric = [c for c in one.columns if c not in ("path",) and pd.api.types.is_numeric_dtype(one[c])]
+    pd.testing.assert_frame_equal(one[numeric], two[numeric])  # each point is one process: same numbers
+    # finished points are skipped: a second pass trains nothing and leaves every file as it was
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").rglob("eval.jsonl")}
+    assert main(["sweep", "--jobs", "2", "--out", str(tmp_path / "two"), *grid]) == 0
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_frontier_study_trains_the_grid_and_writes_envelopes_and_verdicts(small_args, tmp_path, capsys):
+    root = tmp_path / "study"
+    betas = "dpo=0.1,0.5;tdpo2=0.1"
+    assert (
+        main(
+            [
+                "frontier-study",
+                "--betas",
+                betas,
+                "--seeds",
+                "0,1",
+                "--jobs",
+                "1",
+                "--out",
+                str(root),
+                *small_args,
+            ]
+        )
+        == 0
+    )
+    report = (root / "frontier_study.md").read_text()
+    assert "| TDPO2 |" in report and "Does the method's envelope dominate DPO's?" in report
+    assert any(v in report for v in ("beyond 2 standard errors", "within noise", "opposite"))
+    assert (root / "frontier_study.png").stat().st_size > 0
+    runs = pd.read_csv(root / "runs.csv") if (root / "runs.csv").exists() else None
+    assert runs is None  # the study writes its own report, not the sweep's table
+    assert len(list(root.glob("*/eval.jsonl"))) == 6  # (dpo x 2 betas + tdpo2) x 2 seeds
+    # collecting again from the finished runs writes the same report
+    assert (
+        main(
+            [
+                "frontier-study",
+                "--betas",
+                betas,
+                "--seeds",
+                "0,1",
+                "--collect-only",
+                "--out",
+                str(root),
+                *small_args,
+            ]
+        )
+        == 0
+    )
+    assert (root / "frontier_study.md").read_text() == report
