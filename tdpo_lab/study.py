@@ -68,8 +68,12 @@ def parse_betas(text: str) -> dict[str, tuple[float, ...]]:
 def study_configs(
     make: Callable[..., Config], grid: Mapping[str, Sequence[float]], seeds: Sequence[int]
 ) -> list[Config]:
-    """The study's configurations, ``make(method=, beta=, seed=)`` for every grid point (alpha as profiled)."""
-    return [make(method=m, beta=b, seed=s) for m, betas in grid.items() for b in betas for s in seeds]
+    """The study's configurations, ``make(method=, beta=, seed=)`` for every grid point (alpha as profiled).
+
+    Seed by seed: a study stopped half-way (the end of a session) leaves whole grids of its first seeds,
+    which already give every envelope, rather than every seed of its first methods only.
+    """
+    return [make(method=m, beta=b, seed=s) for s in seeds for m, betas in grid.items() for b in betas]
 
 
 # --- envelopes ---------------------------------------------------------------------------------------------

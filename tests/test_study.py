@@ -136,12 +136,12 @@ def test_default_grids_span_what_the_study_needs():
     configs = study_configs(
         lambda **kw: load_config("tiny", fast=True, **kw), {"dpo": (0.1, 1.0), "tdpo2": (0.1,)}, [0, 1]
     )
-    assert [(c.method, c.beta, c.seed) for c in configs] == [
+    assert [(c.method, c.beta, c.seed) for c in configs] == [  # seed by seed: whole grids first
         ("dpo", 0.1, 0),
-        ("dpo", 0.1, 1),
         ("dpo", 1.0, 0),
-        ("dpo", 1.0, 1),
         ("tdpo2", 0.1, 0),
+        ("dpo", 0.1, 1),
+        ("dpo", 1.0, 1),
         ("tdpo2", 0.1, 1),
     ]
     # a training seed shares its data seed's SFT model and pairs
