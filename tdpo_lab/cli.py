@@ -6,6 +6,8 @@
     tdpo-lab frontier-study --profile tiny --seeds 0,1,2 --jobs 2 --out runs/frontier
     tdpo-lab reproduce --profile tiny --out reproduce
     tdpo-lab collect runs/sweep
+    tdpo-lab run --method tdpo2 --set pairs=my_pairs.jsonl          # your own preference data
+    tdpo-lab export-pairs --profile tiny --out pairs_tiny              # the kit's pairs as a datasets.Dataset
 
 Every stage that is cached already (tokenizer, SFT model, pairs, AttentionPO weights) is reused. The
 commands that execute notebooks (``reproduce``, ``sweep --notebook``) leave that to :mod:`tdpo_lab.chapters`.
@@ -28,6 +30,7 @@ from tdpo_lab.chapters import (
     sweep_notebook,
 )
 from tdpo_lab.config import PROFILES, Config, ConfigError, config_from_file, load_config
+from tdpo_lab.data import DataError
 from tdpo_lab.methods import method_names, reads_knob
 from tdpo_lab.rundir import RunDir, run_name
 
@@ -230,6 +233,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_pairs(args: argparse.Namespace) -> int:
+    from tdpo_lab.user_pairs import export_pairs
+
+    cfg = build_config(args)
+    ds = export_pairs(cfg, args.out, push_to_hub=args.push_to_hub, progress=not args.quiet)
+    where = f" and pushed to the hub as {args.push_to_hub!r}" if args.push_to_hub else ""
+    print(
+        f"{len(ds)} pairs written to {args.out}{where}: datasets.load_from_disk({args.out!r}); columns {ds.column_names}"
+    )
+    return 0
+
+
 def cmd_exercises(args: argparse.Namespace) -> int:
     from tdpo_lab.exercises import write_exercises
 
@@ -331,6 +346,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 
+    p = sub.add_parser(
+        "export-pairs", help="write the kit's preference pairs as a datasets.Dataset (TRL's column names)"
+    )
+    _common(p)
+    p.add_argument("--out", required=True, help="folder for Dataset.save_to_disk")
+    p.add_argument("--push-to-hub", metavar="NAME", help="also push the dataset to the hub as NAME (online)")
+    p.set_defaults(func=cmd_export_pairs)
+
     p = sub.add_parser("exercises", help="write the student notebooks (solutions stubbed) from the chapters")
     p.add_argument("--notebooks", help="folder of the chapters (default: the checkout's notebooks/)")
     p.add_argument("--out", help="folder of the student notebooks (default: exercises/ beside the chapters)")
@@ -348,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, NotebookToolsMissing) as exc:
+    except (ConfigError, NotebookToolsMissing, DataError) as exc:
         parser.exit(2, f"tdpo-lab: error: {exc}\n")
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)

@@ -55,6 +55,11 @@ class Config:
     max_train_reviews: int = 0  # 0 = all
     prefix_min_tokens: int = 2  # review prefixes of 2-8 tokens (DPO/TDPO papers)
     prefix_max_tokens: int = 8
+    # Your own preference data (tdpo_lab.user_pairs, README "Your own preference data"): "" = the kit's IMDb
+    # pairs; else a .jsonl/.json/.csv/.parquet file, a folder or a hub dataset with prompt/chosen/rejected.
+    # heldout_share: the share of its prompts (seeded by data_seed) held out, with their pairs, for evaluation.
+    pairs: str = ""
+    heldout_share: float = 0.1
 
     # --- tokenizer and model ------------------------------------------------------------------
     tokenizer: str = "bpe"  # "bpe" = train a byte-level BPE on IMDb; else a hub name or folder
@@ -66,7 +71,10 @@ class Config:
     n_positions: int = 256
 
     # --- reward -------------------------------------------------------------------------------
-    reward: str = "classifier"  # "classifier" (offline TF-IDF + LR) or a hub text-classification model
+    # "classifier" (offline TF-IDF + LR), a hub text-classification model or folder, or "none" (no reward
+    # model: only with your own pairs, whose evaluation then needs none; load_config picks "none" when pairs
+    # is set and reward is not)
+    reward: str = "classifier"
     reward_batch_size: int = 32
 
     # --- SFT (pi_ref) -------------------------------------------------------------------------
@@ -241,7 +249,9 @@ RUNTIME_FIELDS = ("num_threads", "device", "cache_dir")
 
 # Fields added after runs were published, with the value every earlier run had: they enter a run's folder
 # name and its resume check only when set to something else, so a new knob keeps every earlier run's name.
-LATE_FIELDS: dict[str, object] = {"data_seed": 0}
+LATE_FIELDS: dict[str, object] = {"data_seed": 0, "pairs": "", "heldout_share": 0.1}
+
+NO_REWARD = "none"  # the reward key's value for "no reward model" (allowed with your own pairs only)
 
 
 def result_fields(config: dict) -> dict:
@@ -297,6 +307,10 @@ def load_config(profile: str = "tiny", *, fast: bool | None = None, **overrides)
         values.update(FAST_OVERRIDES)
         values.update(PROFILE_FAST_OVERRIDES.get(profile, {}))
     values.update(overrides)
+    if values.get("pairs") and "reward" not in overrides:
+        # your own pairs carry no reward model: the profile's sentiment judge would score them meaninglessly,
+        # so evaluation reads only the held-out pairs unless you name a reward yourself
+        values["reward"] = NO_REWARD
     return Config(**values)
 
 
@@ -374,6 +388,7 @@ def _validate(cfg: Config) -> None:
         (cfg.min_reward_gap >= 0, "min_reward_gap", ">= 0"),
         (cfg.max_train_reviews >= 0, "max_train_reviews", ">= 0 (0 = all)"),
         (cfg.chunk_size >= 0, "chunk_size", ">= 0 (0 = automatic)"),
+        (0.0 < cfg.heldout_share < 1.0, "heldout_share", "in (0, 1): some pairs to train on, some held out"),
     ]
     positive = [
         "n_layer",
@@ -405,5 +420,10 @@ def _validate(cfg: Config) -> None:
     for ok, name, what in checks:
         if not ok:
             raise ConfigError(f"config key {name!r} must be {what}, got {getattr(cfg, name)!r}")
+    if cfg.reward == NO_REWARD and not cfg.pairs:
+        raise ConfigError(
+            "config key 'reward' is 'none' but 'pairs' is not set: the kit's IMDb pairs are ranked by a reward "
+            "model, so name one (e.g. reward='classifier') or give your own pairs (pairs=FILE)"
+        )
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"config key 'n_embd' ({cfg.n_embd}) must be divisible by 'n_head' ({cfg.n_head})")

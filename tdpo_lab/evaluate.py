@@ -255,7 +255,14 @@ def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
 
 @torch.no_grad()
 def pair_seqkl(
-    policy, reference, tokenizer, pairs: pd.DataFrame, *, batch_size: int = 32, progress: bool = False
+    policy,
+    reference,
+    tokenizer,
+    pairs: pd.DataFrame,
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+    beta: float | None = None,
 ) -> dict:
     """Mean TDPO SeqKL of held-out chosen and rejected responses: ``kl_seq_chosen``, ``kl_seq_rejected``.
 
@@ -264,9 +271,14 @@ def pair_seqkl(
     of ``batch_size`` pairs collated exactly like the training batches
     (:func:`tdpo_lab.data.collate_preference_batch`; responses longer than the model's context are cut). Under DPO
     the rejected side is expected to grow faster than the chosen one (TDPO's claim, docs/methods.md section 6).
+
+    With ``beta``, also the held-out preference numbers of DPO's implicit reward beta * sum_t r_t (r_t the
+    log-ratio, unweighted for every method so that runs compare): ``pair_accuracy``, the share of pairs whose
+    margin beta * (sum r_t(chosen) - sum r_t(rejected)) is > 0 (a tie counts as wrong, as TRL's
+    ``rewards/accuracies``: 0.0 at pi_theta = pi_ref), and ``pair_margin``, the mean margin.
     """
     _check_pairs(pairs)
-    chosen, rejected = [], []
+    chosen, rejected, margins = [], [], []
     with eval_mode(policy, reference):
         starts = range(0, len(pairs), batch_size)
         for start in tqdm(starts, desc="pair SeqKL", disable=progress_off(progress)):
@@ -286,10 +298,17 @@ def pair_seqkl(
             half = len(rows)
             chosen.append(seqkl[:half])
             rejected.append(seqkl[half:])
-    return {
+            ratio = stats.log_ratio.double().sum(1).cpu()  # zero off the response positions
+            margins.append(ratio[:half] - ratio[half:])
+    result = {
         "kl_seq_chosen": float(torch.cat(chosen).mean()),
         "kl_seq_rejected": float(torch.cat(rejected).mean()),
     }
+    if beta is not None:
+        margin = beta * torch.cat(margins)
+        result["pair_accuracy"] = float((margin > 0).double().mean())
+        result["pair_margin"] = float(margin.mean())
+    return result
 
 
 # --- the evaluation point ----------------------------------------------------------------------
@@ -306,6 +325,7 @@ def evaluate_policy(
     pairs: pd.DataFrame | None = None,
     seed: int = 0,
     progress: bool = False,
+    pair_beta: float | None = None,
 ) -> dict:
     """One point of the reward-vs-KL frontier: a dict of python numbers (JSON-ready, one eval.jsonl line).
 
@@ -317,17 +337,27 @@ def evaluate_policy(
     number with no KL beside it) when ``cfg.eval_topk > 0``. Batches of ``cfg.sample_batch_size`` rows.
 
     Evaluating pi_ref against itself gives ``kl_seq == kl_logratio == 0`` exactly.
+
+    Your own pairs (:mod:`tdpo_lab.user_pairs`): ``reward=None`` (no reward model) skips the samples and
+    reports only the held-out pairs, and ``pair_beta`` adds ``pair_accuracy`` and ``pair_margin``
+    (:func:`pair_seqkl`).
     """
-    samples = evaluate_samples(
-        policy, reference, tokenizer, reward, prompts, cfg, seed=seed, progress=progress
-    )
-    result = aggregate_samples(samples)
+    result = {}
+    if reward is not None:
+        samples = evaluate_samples(
+            policy, reference, tokenizer, reward, prompts, cfg, seed=seed, progress=progress
+        )
+        result = aggregate_samples(samples)
+    elif pairs is None:
+        raise ValueError("nothing to evaluate: no reward model (reward=None) and no held-out pairs")
     if pairs is not None:
         batch_size = max(1, cfg.sample_batch_size // 2)  # two rows (chosen, rejected) per pair
         result.update(
-            pair_seqkl(policy, reference, tokenizer, pairs, batch_size=batch_size, progress=progress)
+            pair_seqkl(
+                policy, reference, tokenizer, pairs, batch_size=batch_size, progress=progress, beta=pair_beta
+            )
         )
-    if cfg.eval_topk > 0:
+    if cfg.eval_topk > 0 and reward is not None:
         texts = sample(
             policy,
             tokenizer,

@@ -105,6 +105,12 @@ def _sample_pairs(cfg: Config, folder: Path, *, progress: bool, plan: Plan) -> N
     """Write the pair table and the samples table of ``cfg`` into ``folder``."""
     from tdpo_lab.sft import load_reference
 
+    if cfg.pairs:  # the pipeline's pairs key is then your data's: never file sampled IMDb pairs under it
+        raise ValueError(
+            f"config key pairs is set ({cfg.pairs!r}): your pairs come from tdpo_lab.user_pairs.user_pairs_for; "
+            "build_pairs samples the kit's IMDb pairs, so unset pairs to build those"
+        )
+
     set_threads(cfg.num_threads)
     model, tokenizer = load_reference(cfg, progress=progress, plan=plan)
     train = load_imdb("train", cfg.data_path or None)

@@ -24,6 +24,7 @@ from tdpo_lab.data import CLEAN_TEXT_VERSION
 from tdpo_lab.methods.attnpo_judge import JUDGE_KEY
 from tdpo_lab.reward import CLASSIFIER_STAGE, reward_key
 from tdpo_lab.stages import Entry, Stage, split_fingerprint
+from tdpo_lab.user_pairs import user_pairs_key
 
 SFT_FIELDS = (
     "profile",
@@ -115,6 +116,8 @@ class Plan:
                 self._keys[name] = split_fingerprint(name.removesuffix("_data"), data)
             elif name == "reward":
                 self._keys[name] = reward_key(self.cfg.reward, data)
+            elif name == "pairs" and self.cfg.pairs:  # your own pairs: keyed by their content and split
+                self._keys[name] = user_pairs_key(self.cfg, self.key("sft"))
             elif name in STAGES:
                 stage = STAGES[name]
                 values = {field: getattr(self.cfg, field) for field in stage.fields}

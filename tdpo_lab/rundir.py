@@ -292,7 +292,14 @@ def run_name(cfg) -> str:
     name = f"{cfg.method}_beta{cfg.beta:g}"
     if reads_knob(cfg.method, "alpha"):  # alpha is in the name only where the method reads it
         name += f"_alpha{cfg.alpha:g}"
-    return f"{name}_seed{cfg.seed}_{stable_hash(result_fields(cfg.to_dict()), 6)}"
+    fields = result_fields(cfg.to_dict())
+    if getattr(
+        cfg, "pairs", ""
+    ):  # your own pairs: their content, not only their path (a file edited in place)
+        from tdpo_lab.user_pairs import user_pairs_for
+
+        fields["pairs_sha256"] = user_pairs_for(cfg).fingerprint
+    return f"{name}_seed{cfg.seed}_{stable_hash(fields, 6)}"
 
 
 def default_run_root(cfg) -> Path:

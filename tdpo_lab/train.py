@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tdpo_lab import user_pairs
 from tdpo_lab.config import Config
 from tdpo_lab.data import clean_text, collate_preference_batch, load_imdb, make_prefixes
 from tdpo_lab.evaluate import evaluate_policy
@@ -126,7 +127,15 @@ def reference_evaluation(
 
     def build(folder: Path) -> None:
         result = evaluate_policy(
-            reference, reference, tokenizer, reward, prompts, cfg, pairs=heldout, seed=cfg.seed
+            reference,
+            reference,
+            tokenizer,
+            reward,
+            prompts,
+            cfg,
+            pairs=heldout,
+            seed=cfg.seed,
+            **_pair_beta(cfg),
         )
         write_json(folder / REFERENCE_EVAL_FILE, result)
 
@@ -138,6 +147,11 @@ def reference_evaluation(
     )
 
 
+def _pair_beta(cfg: Config) -> dict:
+    # your own pairs are evaluated by their held-out preference accuracy (the kit's runs keep their numbers)
+    return {"pair_beta": cfg.beta} if cfg.pairs else {}
+
+
 def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after: int | None = None) -> Path:
     """Train ``cfg.method`` from pi_ref into ``run_dir`` (resuming if a checkpoint is there); return run_dir.
 
@@ -146,12 +160,16 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
     ``stop_after`` returns after that many steps of this call (for resumption tests). A second process asking
     for the same run folder waits for the first (a lock file), then finds the run finished.
     """
+    if cfg.pairs:  # your own pairs: a bad file fails before any run folder is made
+        user_pairs.user_pairs_for(cfg)
     with RunDir(run_dir).lock():
         return _train(cfg, run_dir, progress=progress, stop_after=stop_after)
 
 
 def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int | None) -> Path:
     run = RunDir.open(run_dir, cfg)  # refuses a folder that holds a run of another configuration
+    if cfg.pairs:  # ... or one trained on another version of your pairs file
+        user_pairs.check_run_pairs(run.path, cfg)
     set_threads(cfg.num_threads)
     device = select_device(cfg.device)
     if run.is_finished:
@@ -165,12 +183,17 @@ def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int 
     reference.requires_grad_(False)
     policy = load_model(str(sft_folder)).to(device)
     policy.train()
-    pairs = build_pairs(cfg, progress=progress, plan=plan)
-    train_pairs, heldout = split_pairs(pairs, cfg)
+    if cfg.pairs:  # your own pairs (tdpo_lab.user_pairs); reward None when there is none for them
+        pairs, train_pairs, heldout, reward, prompts = user_pairs.training_inputs(
+            cfg, tokenizer, progress=progress
+        )
+    else:
+        pairs = build_pairs(cfg, progress=progress, plan=plan)
+        train_pairs, heldout = split_pairs(pairs, cfg)
+        reward = get_reward(cfg)
+        prompts = evaluation_prompts(cfg, tokenizer)
     method = get_method(cfg.method)
     state = method.prepare(cfg, pairs, progress=progress) if method.prepare else None
-    reward = get_reward(cfg)
-    prompts = evaluation_prompts(cfg, tokenizer)
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(cfg.warmup_steps, 1)
@@ -201,7 +224,15 @@ def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int 
 
     def evaluate(step: int) -> None:
         result = evaluate_policy(
-            policy, reference, tokenizer, reward, prompts, cfg, pairs=heldout, seed=cfg.seed
+            policy,
+            reference,
+            tokenizer,
+            reward,
+            prompts,
+            cfg,
+            pairs=heldout,
+            seed=cfg.seed,
+            **_pair_beta(cfg),
         )
         run.log_eval(step, result, cfg)
         policy.train()
