@@ -104,7 +104,11 @@ def write_results(root: Path, out: Path | None = None) -> Path:
     table.to_csv(out / "runs.csv", index=False)
     summary.to_csv(out / "results.csv", index=False)
     (out / "results.md").write_text(results_markdown(summary))
-    frontier_plot(table).savefig(out / "frontier.png", dpi=120, bbox_inches="tight")
+    # runs on your own pairs without a reward model have no reward-vs-KL points: no frontier to draw
+    if {"reward", "kl_seq"} <= set(table.columns) and table[["reward", "kl_seq"]].notna().all(axis=None):
+        frontier_plot(table).savefig(out / "frontier.png", dpi=120, bbox_inches="tight")
+    else:
+        print("no reward in these runs (your own pairs without a reward model): no frontier.png")
     seqkl_plot(table).savefig(out / "seqkl.png", dpi=120, bbox_inches="tight")
     return out / "results.md"
 

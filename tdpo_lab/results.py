@@ -158,6 +158,7 @@ def results_markdown(summary: pd.DataFrame, *, last_step_only: bool = False, dig
         ("kl_seq_chosen", "SeqKL chosen"),
         ("kl_seq_rejected", "SeqKL rejected"),
         ("reward_topk", "reward (top-k)"),
+        ("pair_accuracy", "held-out pair accuracy"),
     ]
     columns = [(key, title) for key, title in columns if key in summary.columns]
     header = ["method", "β", "α", "step", "seeds", *[title for _, title in columns]]

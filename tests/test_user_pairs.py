@@ -352,6 +352,11 @@ def test_run_trains_tdpo2_on_a_pairs_file(small_args, tmp_path, capsys):
     record = json.loads((out / "pairs.json").read_text())
     assert (record["pairs"], record["rows_read"]) == (20, 20)
     assert json.loads((out / "config.json").read_text())["pairs"] == source
+    # collect writes the table (with the held-out accuracy) and the SeqKL figure; no reward, no frontier
+    assert main(["collect", str(out), "--out", str(tmp_path / "collected")]) == 0
+    assert "held-out pair accuracy" in (tmp_path / "collected" / "results.md").read_text()
+    assert (tmp_path / "collected" / "seqkl.png").exists()
+    assert not (tmp_path / "collected" / "frontier.png").exists()
 
     # the same folder and path, other content: refused, never reported as the finished old run
     write_jsonl(tmp_path / "my_pairs.jsonl", good_rows(21))
