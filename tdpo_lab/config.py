@@ -49,6 +49,12 @@ class Config:
     num_threads: int = 1  # torch CPU threads; 2 threads on 2 shared cores measured slower than 1
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
     cache_dir: str = ""  # "" = $TDPO_LAB_CACHE, else ~/.cache/tdpo_lab
+    # SFT and preference training, one or more processes (tdpo_lab.distributed; README "More than one GPU"). The
+    # batch sizes are global: each of W processes runs batch / (W * grad_accum_steps) rows per backward pass.
+    grad_accum_steps: int = (
+        1  # backward passes per optimiser step (less activation memory, same global batch)
+    )
+    mixed_precision: str = "no"  # "no" (fp32), "bf16" or "fp16" autocast with fp32 weights and optimiser
 
     # --- data ---------------------------------------------------------------------------------
     data_path: str = ""  # "" = $TDPO_LAB_IMDB, else the hub's stanfordnlp/imdb
@@ -241,7 +247,7 @@ RUNTIME_FIELDS = ("num_threads", "device", "cache_dir")
 
 # Fields added after runs were published, with the value every earlier run had: they enter a run's folder
 # name and its resume check only when set to something else, so a new knob keeps every earlier run's name.
-LATE_FIELDS: dict[str, object] = {"data_seed": 0}
+LATE_FIELDS: dict[str, object] = {"data_seed": 0, "grad_accum_steps": 1, "mixed_precision": "no"}
 
 
 def result_fields(config: dict) -> dict:
@@ -358,6 +364,8 @@ def _validate(cfg: Config) -> None:
         (cfg.profile in PROFILES, "profile", f"one of {PROFILES}"),
         (cfg.method in method_names(), "method", f"one of {method_names()} (registered methods)"),
         (cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'"),
+        (cfg.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "'no', 'bf16' or 'fp16'"),
+        (cfg.grad_accum_steps >= 1, "grad_accum_steps", ">= 1"),
         (cfg.importance_span in ("response", "full"), "importance_span", "'response' or 'full'"),
         (cfg.beta > 0, "beta", "> 0"),
         (cfg.alpha >= 0, "alpha", ">= 0"),
@@ -405,5 +413,11 @@ def _validate(cfg: Config) -> None:
     for ok, name, what in checks:
         if not ok:
             raise ConfigError(f"config key {name!r} must be {what}, got {getattr(cfg, name)!r}")
+    for name in ("batch_size", "sft_batch_size"):  # the number of processes is checked when training starts
+        if getattr(cfg, name) % cfg.grad_accum_steps:
+            raise ConfigError(
+                f"config key {name!r} ({getattr(cfg, name)}) must be divisible by 'grad_accum_steps' "
+                f"({cfg.grad_accum_steps}): it is the global batch, split into grad_accum_steps equal parts"
+            )
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"config key 'n_embd' ({cfg.n_embd}) must be divisible by 'n_head' ({cfg.n_head})")
