@@ -49,6 +49,12 @@ class Config:
     num_threads: int = 1  # torch CPU threads; 2 threads on 2 shared cores measured slower than 1
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
     cache_dir: str = ""  # "" = $TDPO_LAB_CACHE, else ~/.cache/tdpo_lab
+    # SFT and preference training, one or more processes (tdpo_lab.distributed; README "More than one GPU"). The
+    # batch sizes are global: each of W processes runs batch / (W * grad_accum_steps) rows per backward pass.
+    grad_accum_steps: int = (
+        1  # backward passes per optimiser step (less activation memory, same global batch)
+    )
+    mixed_precision: str = "no"  # "no" (fp32), "bf16" or "fp16" autocast with fp32 weights and optimiser
 
     # --- data ---------------------------------------------------------------------------------
     data_path: str = ""  # "" = $TDPO_LAB_IMDB, else the hub's stanfordnlp/imdb
@@ -249,7 +255,13 @@ RUNTIME_FIELDS = ("num_threads", "device", "cache_dir")
 
 # Fields added after runs were published, with the value every earlier run had: they enter a run's folder
 # name and its resume check only when set to something else, so a new knob keeps every earlier run's name.
-LATE_FIELDS: dict[str, object] = {"data_seed": 0, "pairs": "", "heldout_share": 0.1}
+LATE_FIELDS: dict[str, object] = {
+    "data_seed": 0,
+    "pairs": "",
+    "heldout_share": 0.1,
+    "grad_accum_steps": 1,
+    "mixed_precision": "no",
+}
 
 NO_REWARD = "none"  # the reward key's value for "no reward model" (allowed with your own pairs only)
 
@@ -372,6 +384,8 @@ def _validate(cfg: Config) -> None:
         (cfg.profile in PROFILES, "profile", f"one of {PROFILES}"),
         (cfg.method in method_names(), "method", f"one of {method_names()} (registered methods)"),
         (cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'"),
+        (cfg.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "'no', 'bf16' or 'fp16'"),
+        (cfg.grad_accum_steps >= 1, "grad_accum_steps", ">= 1"),
         (cfg.importance_span in ("response", "full"), "importance_span", "'response' or 'full'"),
         (cfg.beta > 0, "beta", "> 0"),
         (cfg.alpha >= 0, "alpha", ">= 0"),
@@ -425,5 +439,11 @@ def _validate(cfg: Config) -> None:
             "config key 'reward' is 'none' but 'pairs' is not set: the kit's IMDb pairs are ranked by a reward "
             "model, so name one (e.g. reward='classifier') or give your own pairs (pairs=FILE)"
         )
+    for name in ("batch_size", "sft_batch_size"):  # the number of processes is checked when training starts
+        if getattr(cfg, name) % cfg.grad_accum_steps:
+            raise ConfigError(
+                f"config key {name!r} ({getattr(cfg, name)}) must be divisible by 'grad_accum_steps' "
+                f"({cfg.grad_accum_steps}): it is the global batch, split into grad_accum_steps equal parts"
+            )
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"config key 'n_embd' ({cfg.n_embd}) must be divisible by 'n_head' ({cfg.n_head})")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tdpo_lab.config import Config
+from tdpo_lab.config import LATE_FIELDS, Config
 from tdpo_lab.data import CLEAN_TEXT_VERSION
 from tdpo_lab.methods.attnpo_judge import JUDGE_KEY
 from tdpo_lab.reward import CLASSIFIER_STAGE, reward_key
@@ -86,6 +86,8 @@ STAGES: dict[str, Stage] = {
         upstream=("train_data", "test_data", "tokenizer"),  # the test split gives the held-out loss
         version=3,  # 3: batches from tdpo_lab.loop.batch_schedule, the schedule preference training uses
         extra=CLEAN_TEXT_VERSION,
+        # bf16/fp16 change the numbers; grad_accum_steps, like the number of processes, only splits the batch
+        late=(("mixed_precision", LATE_FIELDS["mixed_precision"]),),
     ),
     "pairs": Stage("pairs", fields=PAIR_FIELDS, upstream=("train_data", "sft", "reward"), version=2),
     "judge": Stage(
@@ -120,7 +122,8 @@ class Plan:
                 self._keys[name] = user_pairs_key(self.cfg, self.key("sft"))
             elif name in STAGES:
                 stage = STAGES[name]
-                values = {field: getattr(self.cfg, field) for field in stage.fields}
+                names = (*stage.fields, *(field for field, _ in stage.late))
+                values = {field: getattr(self.cfg, field) for field in names}
                 self._keys[name] = stage.key(values, {up: self.key(up) for up in stage.upstream})
             else:
                 raise KeyError(f"unknown stage {name!r}; the stages are {[*SOURCES, *STAGES]}")

@@ -3,7 +3,7 @@
 A run folder (one per method, hyper-parameters and seed) holds::
 
     config.json        the Config of the run (Config.to_dict())
-    env.json           python / torch / transformers versions, device, git commit, hostname, time (write_env)
+    env.json           python / torch / transformers versions, device, world_size, git commit, hostname, time
     metrics.jsonl      one line per training step (docs/methods.md section 3 names: loss, rewards/margins, ...)
     eval.jsonl         one line per evaluation step: step, method, beta, alpha, seed and the keys of
                        tdpo_lab.evaluate.evaluate_policy (reward, kl_seq, kl_logratio, entropy, ...)
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from tdpo_lab.config import result_fields
+from tdpo_lab.distributed import world_size
 from tdpo_lab.methods import reads_knob
 from tdpo_lab.utils import append_jsonl, atomic_path, exclusive_lock, stable_hash, write_json
 
@@ -248,6 +249,7 @@ def write_env(run_dir: str | os.PathLike) -> dict:
 
     Keys: ``python``, ``platform``, ``torch``, ``transformers``, ``numpy``, ``tdpo_lab`` (versions),
     ``device`` ("cpu" or "cuda: <GPU name>"), ``cuda`` (torch's CUDA version or null), ``num_threads``,
+    ``world_size`` (the number of processes that train the run together, :mod:`tdpo_lab.distributed`),
     ``git_commit`` (``git rev-parse HEAD`` of the kit's source tree, "unknown" outside a git checkout),
     ``hostname``, ``time`` (UTC, ISO 8601).
     """
@@ -270,6 +272,7 @@ def write_env(run_dir: str | os.PathLike) -> dict:
         "device": device,
         "cuda": torch.version.cuda,
         "num_threads": torch.get_num_threads(),
+        "world_size": world_size(),
         "git_commit": git_commit(Path(tdpo_lab.__file__).resolve().parent),
         "hostname": socket.gethostname(),
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

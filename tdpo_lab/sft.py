@@ -7,6 +7,8 @@ Reviews are cleaned, tokenised, joined with EOS and packed into fixed-length blo
 causal-LM recipe). Training is cached by a key over everything it depends on and resumable: a
 checkpoint (model, optimiser, scheduler, step) is written atomically every ``sft_checkpoint_every``
 steps, and the batch of step ``s`` depends only on (data_seed, s), so a resumed run equals an uninterrupted one.
+In a job of several processes every process trains (DDP, each on its slice of the batch;
+:mod:`tdpo_lab.distributed`) and the main process writes.
 
 Derived and run in notebooks/01_sft_reference.ipynb.
 """
@@ -21,12 +23,13 @@ import torch
 
 from tdpo_lab.config import Config
 from tdpo_lab.data import clean_text, load_imdb
+from tdpo_lab.distributed import accelerator_for, check_split, device_of, rank_rows
 from tdpo_lab.loop import TrainingLoop, batch_schedule
 from tdpo_lab.models import build_model, load_model
 from tdpo_lab.pipeline import SFT_FIELDS as SFT_FIELDS  # re-exported: notebook 01 prints it
 from tdpo_lab.pipeline import Plan
 from tdpo_lab.rundir import read_jsonl_tolerant
-from tdpo_lab.stages import CacheError, fetch
+from tdpo_lab.stages import CacheError, fetch, fetch_together
 from tdpo_lab.tokenizer import get_tokenizer
 from tdpo_lab.utils import (
     atomic_path,
@@ -93,7 +96,12 @@ def heldout_loss(model, blocks: torch.Tensor, batch_size: int, device: torch.dev
 
 
 def train_sft(
-    cfg: Config, *, progress: bool = True, stop_after: int | None = None, plan: Plan | None = None
+    cfg: Config,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+    plan: Plan | None = None,
+    accelerator=None,
 ) -> Path:
     """Train (or fetch from the cache) the SFT model pi_ref and return its ``save_pretrained`` folder.
 
@@ -101,14 +109,28 @@ def train_sft(
     The training history (step, train_loss, lr, eval_loss) is in ``<folder>/../history.jsonl``. The
     stage is locked (a second process waits, then finds the model done) and checked against its manifest
     on every call: a damaged model is retrained with a warning naming the file.
+
+    In a job of several processes every process calls it with the job's ``accelerator``
+    (:func:`tdpo_lab.distributed.accelerator_for`) and trains its share; without one, the model must be
+    cached already there (a call inside ``main_process_first`` only reads it).
     """
     entry = (plan or Plan(cfg)).entry("sft")
+    together = accelerator is not None and accelerator.num_processes > 1
 
     def build(folder: Path) -> bool:
-        done = _train_sft(cfg, folder, progress=progress, stop_after=stop_after)
+        acc = accelerator or accelerator_for(cfg)
+        if acc.num_processes > 1 and not together:
+            raise RuntimeError(
+                "train_sft: the SFT model is not cached and this job has several processes: call "
+                "train_sft(cfg, accelerator=accelerator_for(cfg)) on every process first"
+            )
+        done = _train_sft(cfg, folder, acc, progress=progress, stop_after=stop_after)
         return (done / "config.json").is_file()  # False: stopped early, the checkpoint waits to be resumed
 
-    fetch(entry, build, _model_folder, what="SFT model cache")
+    if together:
+        fetch_together(accelerator, entry, build, _model_folder, what="SFT model cache")
+    else:
+        fetch(entry, build, _model_folder, what="SFT model cache")
     return entry.folder / "model"
 
 
@@ -118,12 +140,14 @@ def _model_folder(folder: Path) -> Path:
     return folder / "model"
 
 
-def _train_sft(cfg: Config, root: Path, *, progress: bool, stop_after: int | None) -> Path:
+def _train_sft(cfg: Config, root: Path, acc, *, progress: bool, stop_after: int | None) -> Path:
     final = root / "model"
     root.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.num_threads)
-    device = select_device(cfg.device)
-    tokenizer = get_tokenizer(cfg)
+    device = device_of(acc)
+    check_split(cfg.sft_batch_size, acc.num_processes, cfg.grad_accum_steps, "sft_batch_size")
+    with acc.main_process_first():  # built once, then read by the others
+        tokenizer = get_tokenizer(cfg)
     eos = tokenizer.eos_token_id
     encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
     # sft_steps=0: pi_ref is the model as built or loaded (a pretrained one as shipped), saved with its held-out loss
@@ -143,10 +167,13 @@ def _train_sft(cfg: Config, root: Path, *, progress: bool, stop_after: int | Non
         lr=cfg.sft_lr,
         betas=(0.9, 0.95),
     )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    raw = model
+    model, optimizer = acc.prepare(model, optimizer)  # DDP across processes, mixed precision
     loop = TrainingLoop(
         model,
         optimizer,
-        torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg)),
+        scheduler,
         total_steps=cfg.sft_steps,
         checkpoint_path=root / "checkpoint.pt",
         logs=[root / "history.jsonl"],
@@ -154,18 +181,24 @@ def _train_sft(cfg: Config, root: Path, *, progress: bool, stop_after: int | Non
         checkpoint_every=cfg.sft_checkpoint_every,
         max_grad_norm=1.0,
         desc="SFT",
+        accelerator=acc,
+        grad_accum_steps=cfg.grad_accum_steps,
     )
     started, tokens = time.perf_counter(), [0]
 
-    def step_fn(step: int):
-        idx = torch.as_tensor(batch_schedule(len(train_blocks), cfg.sft_batch_size, step, cfg.data_seed))
-        batch = train_blocks[idx].to(device)
-        tokens[0] += batch.numel()
+    def step_fn(step: int, part: int):
+        idx = batch_schedule(len(train_blocks), cfg.sft_batch_size, step, cfg.data_seed)
+        idx = rank_rows(
+            idx, rank=acc.process_index, world_size=acc.num_processes, parts=cfg.grad_accum_steps, part=part
+        )
+        batch = train_blocks[torch.as_tensor(idx)].to(device)
+        tokens[0] += batch.numel() * acc.num_processes
+        # every block has sft_block_size tokens, so the mean over a slice's tokens averages to the batch's
         loss = model(input_ids=batch, labels=batch).loss
         return loss, {"train_loss": loss.item()}
 
-    def held_out(step: int = 0) -> dict:
-        return {"eval_loss": heldout_loss(model, eval_blocks, cfg.sft_batch_size, device)}
+    def held_out(step: int = 0) -> dict:  # the main process only (the loop's evaluations)
+        return {"eval_loss": heldout_loss(raw, eval_blocks, cfg.sft_batch_size, device)}
 
     model.train()
     finished = loop.run(
@@ -182,10 +215,12 @@ def _train_sft(cfg: Config, root: Path, *, progress: bool, stop_after: int | Non
     )
     if not finished:
         return final
-    with atomic_path(final) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    loop.checkpoint_path.unlink(missing_ok=True)
+    if acc.is_main_process:
+        with atomic_path(final) as tmp:
+            raw.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        loop.checkpoint_path.unlink(missing_ok=True)
+    acc.wait_for_everyone()
     return final
 
 

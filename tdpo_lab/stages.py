@@ -44,7 +44,9 @@ class Stage:
     """A cached product: folder name, the Config fields it depends on, its upstream stages, format version.
 
     ``extra`` holds constants of the code that builds it (a prompt template, hyper-parameters); bump
-    ``version`` when the stored format changes, so an old entry is never read by new code.
+    ``version`` when the stored format changes, so an old entry is never read by new code. ``late`` pairs
+    fields added after entries were built with the value those entries had: a field enters the key only when
+    it has another value, so the existing entries keep their keys.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Stage:
     upstream: tuple[str, ...] = ()
     version: int = 1
     extra: object = None
+    late: tuple[tuple[str, object], ...] = ()
 
     def key(self, values: Mapping[str, object], upstream_keys: Mapping[str, str]) -> str:
         """16 hex digits over the field values, the upstream keys, the version and ``extra``."""
@@ -65,6 +68,9 @@ class Stage:
             "upstream": {name: upstream_keys[name] for name in self.upstream},
             "extra": self.extra,
         }
+        late = {name: values[name] for name, default in self.late if values[name] != default}
+        if late:
+            payload["late"] = late
         return stable_hash(payload)
 
 
@@ -195,6 +201,38 @@ def fetch(
             f"{what}: built just now, yet {problem}. Delete {entry.folder} and run again; "
             "if it happens again the disk or the library versions are at fault"
         )
+    return product
+
+
+def fetch_together(
+    accelerator, entry: Entry, build: Callable[[Path], bool | None], load: Callable[[Path], T], *, what: str
+) -> T | None:
+    """:func:`fetch` for a product that every process of a multi-process job builds together (the SFT model).
+
+    The main process holds the entry's lock and decides (loaded, or to build: a damaged entry is discarded
+    first, with the same warning); every process then runs ``build(folder)`` (it trains with DDP inside) and
+    the main process seals the entry. Every process must call it at the same point.
+    """
+    from tdpo_lab.distributed import broadcast, main_process_lock
+
+    main = accelerator.is_main_process
+    with main_process_lock(accelerator, entry.lock()):
+        problem = _try_load(entry, load)[1] if main else None
+        if main and problem:
+            warnings.warn(f"{what}: {problem}; rebuilding it", CacheWarning, stacklevel=3)
+            entry.discard()
+        if main:
+            entry.folder.mkdir(parents=True, exist_ok=True)
+        if broadcast(accelerator, problem is not None):
+            finished = build(entry.folder) is not False
+            accelerator.wait_for_everyone()  # every process is done with the folder before it is sealed
+            if main and finished:
+                entry.seal()
+            if not finished:
+                return None
+    product, problem = _try_load(entry, load)
+    if problem is not None:
+        raise CacheError(f"{what}: built just now, yet {problem}. Delete {entry.folder} and run again")
     return product
 
 

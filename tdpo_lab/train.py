@@ -8,7 +8,8 @@ recomputed from the current policy every step, and its triplet anchor is sampled
 
 Everything random is a function of (seed, step): the batch order, the TI-DPO anchors and the evaluation
 samples. So a run killed mid-training and resumed from its checkpoint ends identical to one that was not.
-Run folder layout: see :mod:`tdpo_lab.rundir`.
+Run folder layout: see :mod:`tdpo_lab.rundir`. Several processes (``accelerate launch -m tdpo_lab.cli run``)
+train one run together, each on its slice of every batch (:mod:`tdpo_lab.distributed`).
 
 Used by notebooks 04-07; the CLI's ``tdpo-lab run`` calls :func:`train`.
 """
@@ -25,6 +26,7 @@ import torch
 from tdpo_lab import user_pairs
 from tdpo_lab.config import Config
 from tdpo_lab.data import clean_text, collate_preference_batch, load_imdb, make_prefixes
+from tdpo_lab.distributed import accelerator_for, check_split, device_of, main_process_lock, rank_rows
 from tdpo_lab.evaluate import evaluate_policy
 from tdpo_lab.logprobs import token_stats
 from tdpo_lab.loop import TrainingLoop, batch_schedule
@@ -37,7 +39,6 @@ from tdpo_lab.rundir import RunDir
 from tdpo_lab.sft import load_reference, train_sft
 from tdpo_lab.stages import fetch
 from tdpo_lab.utils import (
-    select_device,
     set_threads,
     write_json,
 )
@@ -158,49 +159,61 @@ def train(cfg: Config, run_dir: str | Path, *, progress: bool = True, stop_after
     Writes ``config.json``, ``env.json``, ``metrics.jsonl`` (every step), ``eval.jsonl`` (step 0, every
     ``eval_every`` steps and the last), ``checkpoint/state.pt`` and, at the end, ``policy/``.
     ``stop_after`` returns after that many steps of this call (for resumption tests). A second process asking
-    for the same run folder waits for the first (a lock file), then finds the run finished.
+    for the same run folder waits for the first (a lock file), then finds the run finished. In a job of several
+    processes every process calls it; the main process holds the lock and writes the folder.
     """
     if cfg.pairs:  # your own pairs: a bad file fails before any run folder is made
         user_pairs.user_pairs_for(cfg)
-    with RunDir(run_dir).lock():
-        return _train(cfg, run_dir, progress=progress, stop_after=stop_after)
+    accelerator = accelerator_for(cfg)
+    with main_process_lock(accelerator, RunDir(run_dir).lock()):
+        return _train(cfg, run_dir, accelerator, progress=progress, stop_after=stop_after)
 
 
-def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int | None) -> Path:
-    run = RunDir.open(run_dir, cfg)  # refuses a folder that holds a run of another configuration
-    if cfg.pairs:  # ... or one trained on another version of your pairs file
+def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after: int | None) -> Path:
+    main = acc.is_main_process
+    # RunDir.open refuses a folder that holds a run of another configuration, and writes env.json
+    run = RunDir.open(run_dir, cfg) if main else RunDir(run_dir)
+    if main and cfg.pairs:  # ... or one trained on another version of your pairs file
         user_pairs.check_run_pairs(run.path, cfg)
+    acc.wait_for_everyone()
     set_threads(cfg.num_threads)
-    device = select_device(cfg.device)
+    device = device_of(acc)
+    progress = progress and main
     if run.is_finished:
         if progress:
             print(f"{run.path}: finished already (delete it to train again)")
         return run.path
+    check_split(cfg.batch_size, acc.num_processes, cfg.grad_accum_steps, "batch_size")
 
     plan = Plan(cfg)  # the stage keys of this configuration, computed once for every product below
-    sft_folder = train_sft(cfg, progress=progress, plan=plan)
-    reference, tokenizer = load_reference(cfg, progress=progress, plan=plan)
-    reference.requires_grad_(False)
+    sft_folder = train_sft(cfg, progress=progress, plan=plan, accelerator=acc)  # every process trains
+    with acc.main_process_first():  # cached products: built by the main process, then read by the others
+        reference, tokenizer = load_reference(cfg, progress=progress, plan=plan)
+        if cfg.pairs:  # your own pairs (tdpo_lab.user_pairs); reward None when there is none for them
+            pairs, train_pairs, heldout, reward, prompts = user_pairs.training_inputs(
+                cfg, tokenizer, progress=progress
+            )
+        else:
+            pairs = build_pairs(cfg, progress=progress, plan=plan)
+            train_pairs, heldout = split_pairs(pairs, cfg)
+            # evaluations run on the main process only
+            reward = get_reward(cfg) if main else None
+            prompts = evaluation_prompts(cfg, tokenizer) if main else None
+        method = get_method(cfg.method)
+        state = method.prepare(cfg, pairs, progress=progress) if method.prepare else None
+    reference = reference.to(device).requires_grad_(False)
     policy = load_model(str(sft_folder)).to(device)
     policy.train()
-    if cfg.pairs:  # your own pairs (tdpo_lab.user_pairs); reward None when there is none for them
-        pairs, train_pairs, heldout, reward, prompts = user_pairs.training_inputs(
-            cfg, tokenizer, progress=progress
-        )
-    else:
-        pairs = build_pairs(cfg, progress=progress, plan=plan)
-        train_pairs, heldout = split_pairs(pairs, cfg)
-        reward = get_reward(cfg)
-        prompts = evaluation_prompts(cfg, tokenizer)
-    method = get_method(cfg.method)
-    state = method.prepare(cfg, pairs, progress=progress) if method.prepare else None
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(cfg.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    raw_policy = policy  # generation, evaluation and saving use the model itself, not its DDP wrapper
+    policy, optimizer = acc.prepare(policy, optimizer)
     loop = TrainingLoop(
         policy,
         optimizer,
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)),
+        scheduler,
         total_steps=cfg.train_steps,
         checkpoint_path=run.checkpoint_path,
         logs=[run.metrics_path, run.eval_path],
@@ -208,13 +221,28 @@ def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int 
         checkpoint_every=cfg.checkpoint_every,
         max_grad_norm=cfg.max_grad_norm,
         desc=f"{cfg.method} beta={cfg.beta:g}",
+        accelerator=acc,
+        grad_accum_steps=cfg.grad_accum_steps,
     )
 
-    def step_fn(step: int):
-        rows = train_pairs.iloc[batch_schedule(len(train_pairs), cfg.batch_size, step, cfg.seed)]
-        seed = cfg.seed * 1_000_003 + step  # what a step samples (TI-DPO's anchors) depends on (seed, step)
+    def step_fn(step: int, part: int):
+        idx = batch_schedule(len(train_pairs), cfg.batch_size, step, cfg.seed)
+        idx = rank_rows(
+            idx, rank=acc.process_index, world_size=acc.num_processes, parts=cfg.grad_accum_steps, part=part
+        )
+        # What a step samples (TI-DPO's anchors) depends on (seed, step) and on which slice of the batch this
+        # is (one slice: the whole batch, the seed of one process). So anchors differ with the number of slices.
+        slice_ = acc.process_index * cfg.grad_accum_steps + part
+        seed = cfg.seed * 1_000_003 + step + slice_ * 2**40
         return compute_loss(
-            policy, reference, tokenizer, rows, cfg, step_seed=seed, state=state, device=device
+            policy,
+            reference,
+            tokenizer,
+            train_pairs.iloc[idx],
+            cfg,
+            step_seed=seed,
+            state=state,
+            device=device,
         )
 
     def log_reference_evaluation() -> None:  # step 0: pi_theta = pi_ref, the same for every method (cached)
@@ -224,7 +252,7 @@ def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int 
 
     def evaluate(step: int) -> None:
         result = evaluate_policy(
-            policy,
+            raw_policy,
             reference,
             tokenizer,
             reward,
@@ -235,7 +263,7 @@ def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int 
             **_pair_beta(cfg),
         )
         run.log_eval(step, result, cfg)
-        policy.train()
+        raw_policy.train()
 
     finished = loop.run(
         step_fn,
@@ -248,5 +276,7 @@ def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int 
     )
     if not finished:
         return run.path
-    run.save_policy(policy, tokenizer)
+    if main:
+        run.save_policy(raw_policy, tokenizer)
+    acc.wait_for_everyone()
     return run.path

@@ -24,7 +24,11 @@ def seed_everything(seed: int) -> None:
 
 
 def select_device(preference: str = "auto") -> torch.device:
-    """The one place the kit picks a device: cuda when available (or asked for), else cpu."""
+    """The one place the kit picks a device: cuda when available (or asked for), else cpu.
+
+    In a job of several processes (``torchrun`` and ``accelerate launch`` set ``LOCAL_RANK``) each process
+    takes its own GPU, ``cuda:<LOCAL_RANK>``.
+    """
     if preference not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {preference!r}")
     if preference == "cuda" and not torch.cuda.is_available():
@@ -33,6 +37,8 @@ def select_device(preference: str = "auto") -> torch.device:
         )
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(preference)
 
 
@@ -127,14 +133,21 @@ def progress_off(progress: bool = True) -> bool:
     return (not progress) or os.environ.get("TQDM_DISABLE", "").strip().lower() in {"1", "true", "yes"}
 
 
-def save_training_state(path: str | os.PathLike, model, optimizer, scheduler, step: int) -> None:
-    """Checkpoint (model, optimiser, scheduler, step) atomically: a crash mid-write keeps the last one."""
+def save_training_state(
+    path: str | os.PathLike, model, optimizer, scheduler, step: int, *, scaler=None
+) -> None:
+    """Checkpoint (model, optimiser, scheduler, step) atomically: a crash mid-write keeps the last one.
+
+    ``scaler``: fp16's gradient scaler, whose scale is saved too (mixed_precision="fp16").
+    """
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": step,
     }
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -143,7 +156,9 @@ class CheckpointError(RuntimeError):
     """A training checkpoint cannot be read (the message names the file and what to do)."""
 
 
-def load_training_state(path: str | os.PathLike, model, optimizer, scheduler, device=None) -> int:
+def load_training_state(
+    path: str | os.PathLike, model, optimizer, scheduler, device=None, *, scaler=None
+) -> int:
     """Restore a :func:`save_training_state` checkpoint into the given objects; return its step.
 
     Read with ``weights_only=True``: tensors, numbers, strings and containers only, never arbitrary
@@ -161,6 +176,8 @@ def load_training_state(path: str | os.PathLike, model, optimizer, scheduler, de
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     return step
 
 

@@ -41,7 +41,7 @@ def make_loop(tmp_path, total=6):
     )
     data = torch.randn(total, 4, 3, generator=torch.Generator().manual_seed(1))
 
-    def step_fn(step):
+    def step_fn(step, part):
         loss = model(data[step]).pow(2).mean()
         return loss, {"loss": loss.item()}
 

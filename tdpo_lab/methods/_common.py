@@ -21,6 +21,17 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             module.training = flag
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (several training processes, tdpo_lab.distributed), else the model.
+
+    A forward pass goes through the wrapper (that is how DDP knows to average the gradients); reading the
+    model's parts (its embeddings, blocks, output layer) or sampling from it needs the model itself.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device

@@ -23,6 +23,7 @@ from tdpo_lab.data import IGNORE_INDEX, collate_ids
 from tdpo_lab.generation import decode_response, encode_prompts, sample_ids_fast
 from tdpo_lab.kv_steps import GPT2Steps
 from tdpo_lab.logprobs import TokenStats
+from tdpo_lab.methods._common import unwrap
 from tdpo_lab.methods.base import Method, PairTerms, StepContext
 from tdpo_lab.methods.tdpo2 import tdpo2_logit
 from tdpo_lab.methods.tidpo_importance import hybrid_weights, saliency_from_graph, saliency_from_last_block
@@ -40,8 +41,10 @@ def saliency_weights(ctx: StepContext) -> tuple[Tensor, Tensor]:
     (kept in the graph, ``retain_graph``), and the same logits then give the loss. On a plain GPT-2 the
     target is re-derived from the last block's input at the last positions only
     (:func:`saliency_from_last_block`); otherwise read off the final hidden state (:func:`saliency_from_graph`).
+    The forward pass goes through ``ctx.policy`` (a DDP wrapper in a multi-process job), its parts are read
+    off the model itself.
     """
-    policy = ctx.policy
+    policy = unwrap(ctx.policy)
     input_ids = ctx.batch["input_ids"].to(ctx.device)
     attention_mask = ctx.batch["attention_mask"].to(ctx.device)
     embeds = policy.get_input_embeddings()(input_ids)
@@ -52,7 +55,7 @@ def saliency_weights(ctx: StepContext) -> tuple[Tensor, Tensor]:
             lambda m, args, out: qkv.append(out)
         )
     try:
-        out = policy(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True)
+        out = ctx.policy(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True)
     finally:
         if hook is not None:
             hook.remove()
@@ -79,8 +82,8 @@ def triplet_extra_loss(ctx: StepContext, stats) -> tuple[Tensor, dict] | None:
     if ctx.cfg.gamma <= 0:
         return None
     prompts = list(ctx.rows["prompt"])
-    trip, skipped = triplet_term(
-        ctx.policy, ctx.reference, ctx.tokenizer, prompts, stats, ctx.cfg, ctx.step_seed, ctx.device
+    trip, skipped = triplet_term(  # samples from and reads parts of the model itself, not its DDP wrapper
+        unwrap(ctx.policy), ctx.reference, ctx.tokenizer, prompts, stats, ctx.cfg, ctx.step_seed, ctx.device
     )
     return ctx.cfg.gamma * trip, {"triplet/loss": trip.item(), "triplet/skipped": skipped}
 
