@@ -49,6 +49,8 @@ class Config:
     num_threads: int = 1  # torch CPU threads; 2 threads on 2 shared cores measured slower than 1
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
     cache_dir: str = ""  # "" = $TDPO_LAB_CACHE, else ~/.cache/tdpo_lab
+    # "" = the run folder's JSON lines only; "tensorboard" = also mirror them to <run>/tensorboard (tdpo_lab.trackers)
+    report_to: str = ""
 
     # --- data ---------------------------------------------------------------------------------
     data_path: str = ""  # "" = $TDPO_LAB_IMDB, else the hub's stanfordnlp/imdb
@@ -237,7 +239,7 @@ PROFILE_FAST_OVERRIDES: dict[str, dict[str, object]] = {
 
 
 # Fields that change how fast a run goes, never what it computes.
-RUNTIME_FIELDS = ("num_threads", "device", "cache_dir")
+RUNTIME_FIELDS = ("num_threads", "device", "cache_dir", "report_to")
 
 # Fields added after runs were published, with the value every earlier run had: they enter a run's folder
 # name and its resume check only when set to something else, so a new knob keeps every earlier run's name.
@@ -358,6 +360,7 @@ def _validate(cfg: Config) -> None:
         (cfg.profile in PROFILES, "profile", f"one of {PROFILES}"),
         (cfg.method in method_names(), "method", f"one of {method_names()} (registered methods)"),
         (cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'"),
+        (cfg.report_to in ("", "tensorboard"), "report_to", "'' (none) or 'tensorboard'"),
         (cfg.importance_span in ("response", "full"), "importance_span", "'response' or 'full'"),
         (cfg.beta > 0, "beta", "> 0"),
         (cfg.alpha >= 0, "alpha", ">= 0"),

@@ -46,7 +46,7 @@ def batch_schedule(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
 class TrainingLoop:
     """One resumable loop of ``total_steps`` optimiser steps.
 
-    ``logs[0]`` gets one JSON line per step (``step``, the step's metrics, ``lr``, ``grad_norm``,
+    ``logs[0]`` gets one JSON line per step (``step``, the step's metrics, ``learning_rate`` (= ``lr``), ``grad_norm``,
     ``seconds``, and whatever ``evaluate`` returned at that step); the other paths of ``logs`` are
     step-indexed logs the caller writes (evaluations) and that the loop clears on a fresh start and
     truncates on resume. A checkpoint is written every ``checkpoint_every`` steps and after every evaluation
@@ -63,6 +63,7 @@ class TrainingLoop:
     checkpoint_every: int
     max_grad_norm: float = 1.0
     desc: str = "training"
+    on_record: Callable[[dict], None] | None = None  # called with every line written to logs[0] (trackers)
 
     def run(
         self,
@@ -112,8 +113,13 @@ class TrainingLoop:
             Path(path).unlink(missing_ok=True)
         start = on_start() if on_start is not None else None
         if start is not None:
-            append_jsonl(self.logs[0], {"step": 0, **start})
+            self._append({"step": 0, **start})
         return 0
+
+    def _append(self, record: dict) -> None:
+        append_jsonl(self.logs[0], record)
+        if self.on_record is not None:
+            self.on_record(record)
 
     def _step(self, step_fn: StepFn, step: int, evaluate) -> int:
         started = time.perf_counter()
@@ -127,14 +133,15 @@ class TrainingLoop:
         record = {
             "step": step,
             **metrics,
-            "lr": self.scheduler.get_last_lr()[0],
+            "learning_rate": self.scheduler.get_last_lr()[0],  # TRL's name
+            "lr": self.scheduler.get_last_lr()[0],  # the kit's first name, kept: chapter 01 reads it
             "grad_norm": float(grad_norm),
             "seconds": time.perf_counter() - started,
         }
         evaluated = step % self.eval_every == 0 or step == self.total_steps
         if evaluated and evaluate is not None:
             record.update(evaluate(step) or {})
-        append_jsonl(self.logs[0], record)
+        self._append(record)
         self._last = record
         if (step % self.checkpoint_every == 0 or evaluated) and step < self.total_steps:
             save_training_state(self.checkpoint_path, self.model, self.optimizer, self.scheduler, step)

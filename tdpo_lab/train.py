@@ -27,7 +27,7 @@ from tdpo_lab.data import clean_text, collate_preference_batch, load_imdb, make_
 from tdpo_lab.evaluate import evaluate_policy
 from tdpo_lab.logprobs import token_stats
 from tdpo_lab.loop import TrainingLoop, batch_schedule
-from tdpo_lab.methods import StepContext, get_method, preference_loss
+from tdpo_lab.methods import StepContext, get_method, logit_metrics, preference_loss
 from tdpo_lab.models import load_model
 from tdpo_lab.pairs import build_pairs, split_pairs
 from tdpo_lab.pipeline import Plan
@@ -35,6 +35,7 @@ from tdpo_lab.reward import get_reward
 from tdpo_lab.rundir import RunDir
 from tdpo_lab.sft import load_reference, train_sft
 from tdpo_lab.stages import fetch
+from tdpo_lab.trackers import open_tracker
 from tdpo_lab.utils import (
     select_device,
     set_threads,
@@ -110,6 +111,7 @@ def compute_loss(
         weights = weights * stats.mask
     out = preference_loss(method, stats, beta=cfg.beta, alpha=cfg.alpha, weights=weights)
     loss, metrics = out.loss, dict(out.metrics)
+    metrics.update(logit_metrics(policy_logits, labels))  # TRL's logits/chosen|rejected
     extra = method.extra_loss(ctx, stats) if method.extra_loss else None
     if extra is not None:
         term, extra_metrics = extra
@@ -120,13 +122,29 @@ def compute_loss(
 
 # --- the loop ------------------------------------------------------------------------------------------
 def reference_evaluation(
-    cfg: Config, reference, tokenizer, reward, prompts, heldout, *, plan: Plan | None = None
+    cfg: Config,
+    reference,
+    tokenizer,
+    reward,
+    prompts,
+    heldout,
+    *,
+    plan: Plan | None = None,
+    progress: bool = False,
 ) -> dict:
     """Evaluation of pi_ref itself (step 0 of every run), cached: it is the same for every method."""
 
     def build(folder: Path) -> None:
         result = evaluate_policy(
-            reference, reference, tokenizer, reward, prompts, cfg, pairs=heldout, seed=cfg.seed
+            reference,
+            reference,
+            tokenizer,
+            reward,
+            prompts,
+            cfg,
+            pairs=heldout,
+            seed=cfg.seed,
+            progress=progress,
         )
         write_json(folder / REFERENCE_EVAL_FILE, result)
 
@@ -159,6 +177,7 @@ def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int 
             print(f"{run.path}: finished already (delete it to train again)")
         return run.path
 
+    tracker = open_tracker(cfg.report_to, run.path)  # before any work: a missing package fails at once
     plan = Plan(cfg)  # the stage keys of this configuration, computed once for every product below
     sft_folder = train_sft(cfg, progress=progress, plan=plan)
     reference, tokenizer = load_reference(cfg, progress=progress, plan=plan)
@@ -185,6 +204,7 @@ def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int 
         checkpoint_every=cfg.checkpoint_every,
         max_grad_norm=cfg.max_grad_norm,
         desc=f"{cfg.method} beta={cfg.beta:g}",
+        on_record=tracker.log_metrics,
     )
 
     def step_fn(step: int):
@@ -195,15 +215,24 @@ def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int 
         )
 
     def log_reference_evaluation() -> None:  # step 0: pi_theta = pi_ref, the same for every method (cached)
-        run.log_eval(
-            0, reference_evaluation(cfg, reference, tokenizer, reward, prompts, heldout, plan=plan), cfg
+        result = reference_evaluation(
+            cfg, reference, tokenizer, reward, prompts, heldout, plan=plan, progress=progress
         )
+        tracker.log_eval(run.log_eval(0, result, cfg))
 
     def evaluate(step: int) -> None:
         result = evaluate_policy(
-            policy, reference, tokenizer, reward, prompts, cfg, pairs=heldout, seed=cfg.seed
+            policy,
+            reference,
+            tokenizer,
+            reward,
+            prompts,
+            cfg,
+            pairs=heldout,
+            seed=cfg.seed,
+            progress=progress,
         )
-        run.log_eval(step, result, cfg)
+        tracker.log_eval(run.log_eval(step, result, cfg))
         policy.train()
 
     finished = loop.run(
@@ -215,6 +244,7 @@ def _train(cfg: Config, run_dir: str | Path, *, progress: bool, stop_after: int 
         stop_after=stop_after,
         device=device,
     )
+    tracker.close()  # it flushed every record: a run that raises before this loses nothing
     if not finished:
         return run.path
     run.save_policy(policy, tokenizer)
