@@ -40,6 +40,10 @@ NOTEBOOKS = (
 CHAPTER_NEEDS = chapter_needs()  # derived from what each chapter builds and uses (tdpo_lab.pipeline)
 
 
+# papermill's options that stream a running chapter's cell outputs (stdout as INFO, stderr as WARNING lines)
+# to its own stderr, which run_chapters sends to the chapter's .log file.
+CHAPTER_LOG_OPTIONS = ("--log-output", "--log-level", "INFO")
+
 # What executing a chapter imports: the [notebooks] extra.
 NOTEBOOK_TOOLS = ("papermill", "nbformat", "ipykernel")
 INSTALL_NOTEBOOK_TOOLS = 'pip install "tdpo-lab[notebooks]"'
@@ -177,10 +181,15 @@ def _needs(names: list[str]) -> dict[str, list[str]]:
 def run_chapters(source: Path, names: list[str], out: Path, params: dict, jobs: int) -> list[str]:
     """Execute the chapters ``names`` of folder ``source`` into ``out``; return those that failed.
 
-    Each runs in its own ``papermill`` process (``--cwd out``, log in ``out/<chapter>.log``) with the
+    Each runs in its own ``papermill`` process (``--cwd out``) with the
     entries of ``params`` its parameters cell declares, once every chapter it needs (:data:`CHAPTER_NEEDS`)
     has finished, at most ``jobs`` at a time. After a failure nothing new starts: later chapters would only
     fail on the missing result or redo its work.
+
+    The log ``out/<chapter>.log`` grows while the chapter runs (:data:`CHAPTER_LOG_OPTIONS`): papermill's
+    "Executing Cell k" / "Ending Cell k" lines and every output of every cell as it arrives, so
+    ``tail -f out/05_tdpo.log`` follows a chapter. Progress bars drawn as notebook widgets (tqdm with
+    ipywidgets installed) show there once, as they start; the executed notebook holds their final state.
     """
     import yaml
 
@@ -210,6 +219,7 @@ def run_chapters(source: Path, names: list[str], out: Path, params: dict, jobs: 
                 "--cwd",
                 str(out),
                 "--no-progress-bar",
+                *CHAPTER_LOG_OPTIONS,
             ]
             log = open(out / f"{Path(name).stem}.log", "w")  # noqa: SIM115 - closed when the process ends
             running[name] = (

@@ -55,6 +55,8 @@ class Config:
         1  # backward passes per optimiser step (less activation memory, same global batch)
     )
     mixed_precision: str = "no"  # "no" (fp32), "bf16" or "fp16" autocast with fp32 weights and optimiser
+    # "" = the run folder's JSON lines only; "tensorboard" = also mirror them to <run>/tensorboard (tdpo_lab.trackers)
+    report_to: str = ""
 
     # --- data ---------------------------------------------------------------------------------
     data_path: str = ""  # "" = $TDPO_LAB_IMDB, else the hub's stanfordnlp/imdb
@@ -251,7 +253,7 @@ PROFILE_FAST_OVERRIDES: dict[str, dict[str, object]] = {
 
 
 # Fields that change how fast a run goes, never what it computes.
-RUNTIME_FIELDS = ("num_threads", "device", "cache_dir")
+RUNTIME_FIELDS = ("num_threads", "device", "cache_dir", "report_to")
 
 # Fields added after runs were published, with the value every earlier run had: they enter a run's folder
 # name and its resume check only when set to something else, so a new knob keeps every earlier run's name.
@@ -386,6 +388,7 @@ def _validate(cfg: Config) -> None:
         (cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'"),
         (cfg.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "'no', 'bf16' or 'fp16'"),
         (cfg.grad_accum_steps >= 1, "grad_accum_steps", ">= 1"),
+        (cfg.report_to in ("", "tensorboard"), "report_to", "'' (none) or 'tensorboard'"),
         (cfg.importance_span in ("response", "full"), "importance_span", "'response' or 'full'"),
         (cfg.beta > 0, "beta", "> 0"),
         (cfg.alpha >= 0, "alpha", ">= 0"),

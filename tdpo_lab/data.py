@@ -209,7 +209,8 @@ def make_prefixes(
     cleaned = [clean_text(t) for t in texts]
     if not cleaned:
         return []
-    encoded = tokenizer(cleaned, add_special_tokens=False)["input_ids"]
+    # whole reviews, longer than the model's context on purpose (only a prefix is kept): no too-long warning
+    encoded = tokenizer(cleaned, add_special_tokens=False, verbose=False)["input_ids"]
     prefixes = []
     for i, (ids, k) in enumerate(zip(encoded, ks, strict=True)):
         if not ids:
@@ -272,8 +273,10 @@ def collate_sequences(
             raise DataError(
                 f"responses[{i}] is empty: every response needs at least one token before the EOS"
             )
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    # with max_length a long response is cut below, so the tokenizer's too-long warning would mislead
+    verbose = max_length is None
+    prompt_ids = tokenizer(prompts, add_special_tokens=False, verbose=verbose)["input_ids"]
+    response_ids = tokenizer(responses, add_special_tokens=False, verbose=verbose)["input_ids"]
 
     kept_prompts, kept_responses = [], []
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):

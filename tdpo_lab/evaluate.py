@@ -184,7 +184,7 @@ def evaluate_samples(
         stats = {k: [] for k in ("kl_policy_ref", "logratio", "entropy", "n_tokens")}
         size = cfg.sample_batch_size
         starts = range(0, len(records), size)
-        for start in tqdm(starts, desc="scoring samples", disable=progress_off(progress)):
+        for start in tqdm(starts, desc="scoring samples", disable=progress_off(progress), leave=None):
             chunk = records[start : start + size]
             batch = collate_ids([r["_context"] for r in chunk], [r["_response"] for r in chunk], eos)
             out = response_stats(policy, reference, **batch)
@@ -281,7 +281,7 @@ def pair_seqkl(
     chosen, rejected, margins = [], [], []
     with eval_mode(policy, reference):
         starts = range(0, len(pairs), batch_size)
-        for start in tqdm(starts, desc="pair SeqKL", disable=progress_off(progress)):
+        for start in tqdm(starts, desc="pair SeqKL", disable=progress_off(progress), leave=None):
             rows = pairs.iloc[start : start + batch_size]
             batch = collate_preference_batch(
                 tokenizer,
@@ -336,7 +336,8 @@ def evaluate_policy(
     used) is given; plus ``reward_topk`` (mean reward of samples with top-k = ``cfg.eval_topk``, a secondary
     number with no KL beside it) when ``cfg.eval_topk > 0``. Batches of ``cfg.sample_batch_size`` rows.
 
-    Evaluating pi_ref against itself gives ``kl_seq == kl_logratio == 0`` exactly.
+    Evaluating pi_ref against itself gives ``kl_seq == kl_logratio == 0`` exactly. ``progress``: bars for the
+    sampling and scoring; they stay when the evaluation stands alone and vanish once done under a training bar.
 
     Your own pairs (:mod:`tdpo_lab.user_pairs`): ``reward=None`` (no reward model) skips the samples and
     reports only the held-out pairs, and ``pair_beta`` adds ``pair_accuracy`` and ``pair_margin``

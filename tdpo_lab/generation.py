@@ -280,7 +280,9 @@ def _sample_rows(
     )
     try:
         with torch.random.fork_rng(devices=fork_devices):
-            for index, batch in enumerate(tqdm(batches, desc="sampling", disable=progress_off(progress))):
+            for index, batch in enumerate(
+                tqdm(batches, desc="sampling", disable=progress_off(progress), leave=None)
+            ):
                 input_ids, attention_mask = _left_pad([ids for _, ids in batch], eos, device)
                 torch.manual_seed(_batch_seed(seed, index))
                 new = draw(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos)

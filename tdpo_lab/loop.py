@@ -50,7 +50,7 @@ def batch_schedule(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
 class TrainingLoop:
     """One resumable loop of ``total_steps`` optimiser steps.
 
-    ``logs[0]`` gets one JSON line per step (``step``, the step's metrics, ``lr``, ``grad_norm``,
+    ``logs[0]`` gets one JSON line per step (``step``, the step's metrics, ``learning_rate`` (= ``lr``), ``grad_norm``,
     ``seconds``, and whatever ``evaluate`` returned at that step); the other paths of ``logs`` are
     step-indexed logs the caller writes (evaluations) and that the loop clears on a fresh start and
     truncates on resume. A checkpoint is written every ``checkpoint_every`` steps and after every evaluation
@@ -74,6 +74,7 @@ class TrainingLoop:
     desc: str = "training"
     accelerator: object = None  # an accelerate.Accelerator; None: this process alone, plain torch
     grad_accum_steps: int = 1
+    on_record: Callable[[dict], None] | None = None  # called with every line written to logs[0] (trackers)
 
     @property
     def is_main(self) -> bool:
@@ -147,7 +148,7 @@ class TrainingLoop:
             Path(path).unlink(missing_ok=True)
         start = on_start() if on_start is not None else None
         if start is not None:
-            append_jsonl(self.logs[0], {"step": 0, **start})
+            self._append({"step": 0, **start})
         return 0
 
     @property
@@ -181,6 +182,11 @@ class TrainingLoop:
             values = acc.reduce(values.to(acc.device), reduction="mean").cpu()
         return dict(zip(keys, values.tolist(), strict=True))
 
+    def _append(self, record: dict) -> None:
+        append_jsonl(self.logs[0], record)
+        if self.on_record is not None:
+            self.on_record(record)
+
     def _step(self, step_fn: StepFn, step: int, evaluate) -> int:
         started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -197,14 +203,15 @@ class TrainingLoop:
         record = {
             "step": step,
             **metrics,
-            "lr": self.scheduler.get_last_lr()[0],
+            "learning_rate": self.scheduler.get_last_lr()[0],  # TRL's name
+            "lr": self.scheduler.get_last_lr()[0],  # the kit's first name, kept: chapter 01 reads it
             "grad_norm": float(grad_norm),
             "seconds": time.perf_counter() - started,
         }
         evaluated = step % self.eval_every == 0 or step == self.total_steps
         if evaluated and evaluate is not None:
             record.update(evaluate(step) or {})
-        append_jsonl(self.logs[0], record)
+        self._append(record)
         self._last = record
         if (step % self.checkpoint_every == 0 or evaluated) and step < self.total_steps:
             save_training_state(

@@ -1,8 +1,9 @@
 """Causal language models: a small GPT-2 built from the configuration, a hub name / local folder, or a GGUF file.
 
-Every model leaves here with dropout switched off: the methods compare log-probabilities of the
-policy and the reference on the same tokens, and dropout noise would make those comparisons (and the
-tests that check ``loss == ln 2`` at pi_theta = pi_ref) irreproducible.
+Every model leaves here with dropout switched off in its modules: the methods compare log-probabilities of
+the policy and the reference on the same tokens, and dropout noise would make those comparisons (and the
+tests that check ``loss == ln 2`` at pi_theta = pi_ref) irreproducible. ``model.config`` keeps the model's
+own dropout values, so a saved copy (:mod:`tdpo_lab.export`) fine-tuned elsewhere gets its usual dropout.
 """
 
 from __future__ import annotations
@@ -66,22 +67,26 @@ def _as_dtype(dtype) -> torch.dtype:
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """Set every dropout probability to 0, in the modules and in ``model.config`` (so saved copies agree)."""
-    config = getattr(model, "config", None)
-    if config is not None:
-        for name, value in list(config.to_dict().items()):
-            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
-                setattr(config, name, 0.0)
+    """Switch dropout off in the modules of ``model``, leaving ``model.config`` as it is; returns ``model``.
+
+    Sets ``p = 0`` in every ``torch.nn.Dropout`` and 0 in every float attribute of a module whose name holds
+    "dropout" (Llama-style attention reads ``self.attention_dropout``, copied from the config when built).
+    The config is not touched, so ``save_pretrained`` writes the model's real dropout values.
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
     return model
 
 
 def small_gpt2_config(cfg, vocab_size: int, eos_token_id: int):
     """``GPT2Config`` of the from-scratch model: ``cfg.n_layer`` x ``cfg.n_embd`` with ``cfg.n_head`` heads.
 
-    Context ``cfg.n_positions``; bos = eos = pad = ``eos_token_id`` (GPT-2 convention); every dropout 0.
+    Context ``cfg.n_positions``; bos = eos = pad = ``eos_token_id`` (GPT-2 convention); GPT-2's own dropout
+    values (0.1), which :func:`build_model` switches off in the modules (the config keeps them).
     """
     from transformers import GPT2Config
 
@@ -95,10 +100,6 @@ def small_gpt2_config(cfg, vocab_size: int, eos_token_id: int):
         n_embd=cfg.n_embd,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        summary_first_dropout=0.0,
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=eos_token_id,
@@ -109,7 +110,8 @@ def load_model(name_or_path: str | os.PathLike, *, attn_implementation: str | No
     """Load a causal LM with ``AutoModelForCausalLM.from_pretrained``: a folder, the local cache, the hub, or GGUF.
 
     ``attn_implementation="eager"`` makes ``output_attentions=True`` return attention maps (AttentionPO);
-    ``dtype`` (``torch.float32``, ``"bfloat16"``, ...) sets the parameter dtype. Dropout is set to 0. The
+    ``dtype`` (``torch.float32``, ``"bfloat16"``, ...) sets the parameter dtype. Dropout is switched off
+    (:func:`disable_dropout`; the config keeps its values). The
     hub is only asked when the name is not cached and a quick probe says it is reachable. A GGUF file
     (``"pkg:<package>/<file>"`` or a path ending in ``.gguf``, :mod:`tdpo_lab.smol`) is read with
     ``from_pretrained(folder, gguf_file=file)`` and dequantised into a plain model that ``save_pretrained`` writes.

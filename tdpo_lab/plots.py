@@ -126,9 +126,11 @@ _UNITS = {
     "rewards/": "implicit reward (β · log-ratio, nats)",
     "rewards/accuracies": "fraction of pairs",
     "logps/": "log-probability, nats",
+    "logits/": "mean logit over response positions",
     "kl_seq/": "SeqKL, nats",
     "token_reward/": "token-level reward, nats",
     "grad_norm": "L2 norm",
+    "learning_rate": "learning rate",
     "lr": "learning rate",
     "seconds": "seconds per step",
 }

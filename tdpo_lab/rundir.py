@@ -4,11 +4,13 @@ A run folder (one per method, hyper-parameters and seed) holds::
 
     config.json        the Config of the run (Config.to_dict())
     env.json           python / torch / transformers versions, device, world_size, git commit, hostname, time
+                       and the full package list (write_env)
     metrics.jsonl      one line per training step (docs/methods.md section 3 names: loss, rewards/margins, ...)
     eval.jsonl         one line per evaluation step: step, method, beta, alpha, seed and the keys of
                        tdpo_lab.evaluate.evaluate_policy (reward, kl_seq, kl_logratio, entropy, ...)
     checkpoint/        resumable training state (checkpoint/state.pt) while the run trains
-    policy/            the trained policy (save_pretrained), written last: its presence means "finished"
+    policy/            the trained policy, written last: its presence means "finished" (tdpo_lab.export:
+                       save_pretrained files, generation_config.json, a model card README.md)
     .lock              held while a process trains the run
 
 :meth:`RunDir.open` starts or reopens a run (and refuses a folder holding another configuration); the
@@ -35,6 +37,7 @@ import numpy as np
 
 from tdpo_lab.config import result_fields
 from tdpo_lab.distributed import world_size
+from tdpo_lab.export import save_model
 from tdpo_lab.methods import reads_knob
 from tdpo_lab.utils import append_jsonl, atomic_path, exclusive_lock, stable_hash, write_json
 
@@ -43,6 +46,7 @@ __all__ = [
     "RunDir",
     "dedupe_steps",
     "default_run_root",
+    "installed_packages",
     "read_jsonl_tolerant",
     "resolve_run_dir",
     "run_name",
@@ -173,12 +177,25 @@ class RunDir:
             truncate_jsonl(path, step)
 
     def save_policy(self, model, tokenizer) -> None:
-        """Write ``policy/`` (model and tokenizer) atomically, which marks the run finished, and drop the
-        checkpoint: the finished policy replaces it."""
-        with atomic_path(self.policy_dir) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        """Write ``policy/`` atomically, which marks the run finished, and drop the checkpoint: the finished
+        policy replaces it. The folder (:func:`tdpo_lab.export.save_model`) holds the model, the tokenizer,
+        ``generation_config.json`` and a model card whose metrics are pi_ref's (step 0) and the last evaluation."""
+        save_model(
+            model, tokenizer, self.policy_dir, self.config(), kind="policy", metrics=self._card_metrics()
+        )
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+    def _card_metrics(self) -> dict:
+        """The model card's metrics: pi_ref's evaluation (step 0) and the policy's last one."""
+        keys = ("reward", "kl_seq", "kl_seq_chosen", "kl_seq_rejected", "entropy", "distinct4")
+        evals = self.evals()
+        shown = [r for r in evals[:1] if r.get("step") == 0] + [r for r in evals[-1:] if r.get("step") != 0]
+        return {
+            ("pi_ref (step 0)" if r["step"] == 0 else f"policy (step {r['step']})"): {
+                k: r[k] for k in keys if k in r
+            }
+            for r in shown
+        }
 
     # --- reading -------------------------------------------------------------------------------------
     def config(self) -> dict:
@@ -251,7 +268,8 @@ def write_env(run_dir: str | os.PathLike) -> dict:
     ``device`` ("cpu" or "cuda: <GPU name>"), ``cuda`` (torch's CUDA version or null), ``num_threads``,
     ``world_size`` (the number of processes that train the run together, :mod:`tdpo_lab.distributed`),
     ``git_commit`` (``git rev-parse HEAD`` of the kit's source tree, "unknown" outside a git checkout),
-    ``hostname``, ``time`` (UTC, ISO 8601).
+    ``hostname``, ``time`` (UTC, ISO 8601), ``packages`` (every installed distribution, ``name==version``,
+    sorted: :func:`installed_packages`).
     """
     import torch
     import transformers
@@ -276,11 +294,28 @@ def write_env(run_dir: str | os.PathLike) -> dict:
         "git_commit": git_commit(Path(tdpo_lab.__file__).resolve().parent),
         "hostname": socket.gethostname(),
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "packages": installed_packages(),
     }
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / RunDir.ENV, env)
     return env
+
+
+def installed_packages() -> list[str]:
+    """Every distribution installed in this Python, as ``name==version`` sorted by name (case-insensitive).
+
+    What ``pip freeze`` would list, read with :mod:`importlib.metadata` (no subprocess); a distribution found
+    twice on ``sys.path`` is listed once, as Python imports it (the first one).
+    """
+    from importlib.metadata import distributions
+
+    found: dict[str, str] = {}
+    for dist in distributions():
+        name = dist.metadata["Name"]
+        if name and name.lower() not in found:
+            found[name.lower()] = f"{name}=={dist.version}"
+    return [found[key] for key in sorted(found)]
 
 
 # --- where runs live ----------------------------------------------------------------------------------

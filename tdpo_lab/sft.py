@@ -24,6 +24,7 @@ import torch
 from tdpo_lab.config import Config
 from tdpo_lab.data import clean_text, load_imdb
 from tdpo_lab.distributed import accelerator_for, check_split, device_of, rank_rows
+from tdpo_lab.export import save_model
 from tdpo_lab.loop import TrainingLoop, batch_schedule
 from tdpo_lab.models import build_model, load_model
 from tdpo_lab.pipeline import SFT_FIELDS as SFT_FIELDS  # re-exported: notebook 01 prints it
@@ -32,7 +33,6 @@ from tdpo_lab.rundir import read_jsonl_tolerant
 from tdpo_lab.stages import CacheError, fetch, fetch_together
 from tdpo_lab.tokenizer import get_tokenizer
 from tdpo_lab.utils import (
-    atomic_path,
     seed_everything,
     select_device,
     set_threads,
@@ -106,7 +106,7 @@ def train_sft(
     """Train (or fetch from the cache) the SFT model pi_ref and return its ``save_pretrained`` folder.
 
     ``stop_after`` ends the call after that many steps without finishing (used to test resumption).
-    The training history (step, train_loss, lr, eval_loss) is in ``<folder>/../history.jsonl``. The
+    The training history (step, train_loss, learning_rate = lr, eval_loss) is in ``<folder>/../history.jsonl``. The
     stage is locked (a second process waits, then finds the model done) and checked against its manifest
     on every call: a damaged model is retrained with a warning naming the file.
 
@@ -149,7 +149,8 @@ def _train_sft(cfg: Config, root: Path, acc, *, progress: bool, stop_after: int 
     with acc.main_process_first():  # built once, then read by the others
         tokenizer = get_tokenizer(cfg)
     eos = tokenizer.eos_token_id
-    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # whole reviews, longer than the context on purpose (packing cuts them): no too-long warning
+    encode = lambda texts: tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
     # sft_steps=0: pi_ref is the model as built or loaded (a pretrained one as shipped), saved with its held-out loss
     train_blocks = (
         pack_blocks(encode(_texts(cfg, "train")), eos, cfg.sft_block_size) if cfg.sft_steps else None
@@ -216,12 +217,20 @@ def _train_sft(cfg: Config, root: Path, acc, *, progress: bool, stop_after: int 
     if not finished:
         return final
     if acc.is_main_process:
-        with atomic_path(final) as tmp:
-            raw.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        save_model(raw, tokenizer, final, cfg, kind="sft", metrics=_card_metrics(root / "history.jsonl"))
         loop.checkpoint_path.unlink(missing_ok=True)
     acc.wait_for_everyone()
     return final
+
+
+def _card_metrics(history: Path) -> dict:
+    """The SFT model card's metrics: held-out loss before and after training, last training loss."""
+    rows = read_jsonl_tolerant(history)[0]
+    evals = [r for r in rows if "eval_loss" in r]
+    columns = {f"step {r['step']}": {"eval_loss": r["eval_loss"]} for r in evals[:1] + evals[-1:]}
+    if rows and "train_loss" in rows[-1]:
+        columns.setdefault(f"step {rows[-1]['step']}", {})["train_loss"] = rows[-1]["train_loss"]
+    return columns
 
 
 def sft_history(cfg: Config) -> list[dict]:

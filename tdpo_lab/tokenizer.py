@@ -118,7 +118,7 @@ def _wrap(backend):
         eos_token=EOS,
         unk_token=EOS,
         pad_token=EOS,
-        model_max_length=1024,
+        model_max_length=1024,  # GPT-2's context; get_tokenizer declares a trained BPE's as cfg.n_positions
     )
 
 
@@ -236,7 +236,9 @@ def get_tokenizer(cfg, *, plan: Plan | None = None):
     IMDb train split (its first ``cfg.max_train_reviews`` reviews if > 0) and cached as the pipeline's
     ``tokenizer`` stage (``cfg.cache_path / "tokenizer" / <key>``, the key covering the vocabulary size,
     the review count and the data fingerprint); a damaged entry is retrained with a warning naming the
-    file. Otherwise ``load_tokenizer(cfg.tokenizer)``. ``plan``: the caller's :class:`~tdpo_lab.pipeline.Plan`.
+    file. Its ``model_max_length`` is ``cfg.n_positions``, the context of the model it serves (set on load:
+    the cache key does not cover ``n_positions``, and only this declared length depends on it). Otherwise
+    ``load_tokenizer(cfg.tokenizer)``. ``plan``: the caller's :class:`~tdpo_lab.pipeline.Plan`.
     """
     if cfg.tokenizer != "bpe":
         return load_tokenizer(cfg.tokenizer)
@@ -248,7 +250,9 @@ def get_tokenizer(cfg, *, plan: Plan | None = None):
         train_bpe_tokenizer([clean_text(t) for t in texts], cfg.vocab_size, folder)
 
     entry = (plan or Plan(cfg)).entry("tokenizer")
-    return fetch(entry, build, _load_saved, what="tokenizer cache")
+    tokenizer = fetch(entry, build, _load_saved, what="tokenizer cache")
+    tokenizer.model_max_length = cfg.n_positions
+    return tokenizer
 
 
 def _load_saved(folder: Path):

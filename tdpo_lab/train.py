@@ -30,7 +30,7 @@ from tdpo_lab.distributed import accelerator_for, check_split, device_of, main_p
 from tdpo_lab.evaluate import evaluate_policy
 from tdpo_lab.logprobs import token_stats
 from tdpo_lab.loop import TrainingLoop, batch_schedule
-from tdpo_lab.methods import StepContext, get_method, preference_loss
+from tdpo_lab.methods import StepContext, get_method, logit_metrics, preference_loss
 from tdpo_lab.models import load_model
 from tdpo_lab.pairs import build_pairs, split_pairs
 from tdpo_lab.pipeline import Plan
@@ -38,6 +38,7 @@ from tdpo_lab.reward import get_reward
 from tdpo_lab.rundir import RunDir
 from tdpo_lab.sft import load_reference, train_sft
 from tdpo_lab.stages import fetch
+from tdpo_lab.trackers import open_tracker
 from tdpo_lab.utils import (
     set_threads,
     write_json,
@@ -112,6 +113,7 @@ def compute_loss(
         weights = weights * stats.mask
     out = preference_loss(method, stats, beta=cfg.beta, alpha=cfg.alpha, weights=weights)
     loss, metrics = out.loss, dict(out.metrics)
+    metrics.update(logit_metrics(policy_logits, labels))  # TRL's logits/chosen|rejected
     extra = method.extra_loss(ctx, stats) if method.extra_loss else None
     if extra is not None:
         term, extra_metrics = extra
@@ -122,7 +124,15 @@ def compute_loss(
 
 # --- the loop ------------------------------------------------------------------------------------------
 def reference_evaluation(
-    cfg: Config, reference, tokenizer, reward, prompts, heldout, *, plan: Plan | None = None
+    cfg: Config,
+    reference,
+    tokenizer,
+    reward,
+    prompts,
+    heldout,
+    *,
+    plan: Plan | None = None,
+    progress: bool = False,
 ) -> dict:
     """Evaluation of pi_ref itself (step 0 of every run), cached: it is the same for every method."""
 
@@ -137,6 +147,7 @@ def reference_evaluation(
             pairs=heldout,
             seed=cfg.seed,
             **_pair_beta(cfg),
+            progress=progress,
         )
         write_json(folder / REFERENCE_EVAL_FILE, result)
 
@@ -185,6 +196,8 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
         return run.path
     check_split(cfg.batch_size, acc.num_processes, cfg.grad_accum_steps, "batch_size")
 
+    # before any work, so a missing package fails at once; the main process writes the run's files
+    tracker = open_tracker(cfg.report_to if main else "", run.path)
     plan = Plan(cfg)  # the stage keys of this configuration, computed once for every product below
     sft_folder = train_sft(cfg, progress=progress, plan=plan, accelerator=acc)  # every process trains
     with acc.main_process_first():  # cached products: built by the main process, then read by the others
@@ -223,6 +236,7 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
         desc=f"{cfg.method} beta={cfg.beta:g}",
         accelerator=acc,
         grad_accum_steps=cfg.grad_accum_steps,
+        on_record=tracker.log_metrics,
     )
 
     def step_fn(step: int, part: int):
@@ -246,9 +260,10 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
         )
 
     def log_reference_evaluation() -> None:  # step 0: pi_theta = pi_ref, the same for every method (cached)
-        run.log_eval(
-            0, reference_evaluation(cfg, reference, tokenizer, reward, prompts, heldout, plan=plan), cfg
+        result = reference_evaluation(
+            cfg, reference, tokenizer, reward, prompts, heldout, plan=plan, progress=progress
         )
+        tracker.log_eval(run.log_eval(0, result, cfg))
 
     def evaluate(step: int) -> None:
         result = evaluate_policy(
@@ -261,8 +276,9 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
             pairs=heldout,
             seed=cfg.seed,
             **_pair_beta(cfg),
+            progress=progress,
         )
-        run.log_eval(step, result, cfg)
+        tracker.log_eval(run.log_eval(step, result, cfg))
         raw_policy.train()
 
     finished = loop.run(
@@ -274,6 +290,7 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
         stop_after=stop_after,
         device=device,
     )
+    tracker.close()  # it flushed every record: a run that raises before this loses nothing
     if not finished:
         return run.path
     if main:

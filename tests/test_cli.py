@@ -212,3 +212,38 @@ def test_frontier_study_trains_the_grid_and_writes_envelopes_and_verdicts(small_
         == 0
     )
     assert (root / "frontier_study.md").read_text() == report
+
+
+def test_reproduce_streams_a_running_chapter_to_its_log(tmp_path):
+    """A chapter's .log has its first cell output while the chapter still runs (papermill --log-output)."""
+    import threading
+    import time
+
+    from tdpo_lab.chapters import run_chapters
+
+    chapters, out, go = tmp_path / "nbs", tmp_path / "out", tmp_path / "go"
+    chapters.mkdir()
+    out.mkdir()
+    # the chapter prints, then waits (at most 120 s) for the test to create `go` before printing again
+    _toy_notebook(
+        chapters / "00_wait.ipynb",
+        "import pathlib, time\nprint('first output', flush=True)\nstart = time.time()\n"
+        f"while not pathlib.Path({str(go)!r}).exists() and time.time() - start < 120:\n    time.sleep(0.2)\n"
+        "print('second output')",
+    )
+    failed: list = []
+    runner = threading.Thread(
+        target=lambda: failed.extend(run_chapters(chapters, ["00_wait.ipynb"], out, {}, jobs=1))
+    )
+    runner.start()
+    log = out / "00_wait.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "first output" in log.read_text()):
+        time.sleep(0.2)
+    text = log.read_text()
+    go.touch()
+    runner.join(timeout=180)
+    assert "first output" in text and "second output" not in text, text  # written while the cell waited
+    assert runner.is_alive() is False and failed == []
+    final = log.read_text()
+    assert "second output" in final and "Executing Cell" in final, final

@@ -313,3 +313,28 @@ def test_left_align_feeds_triplet_loss_like_the_training_loop():
     # the rejected side equals the anchor, so each hinge is d(anchor, chosen) = the sum of squares
     want = (logratio[0, 2:6].pow(2).sum() + logratio[1, 4:7].pow(2).sum()) / 2
     torch.testing.assert_close(loss, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_metrics_match_trls_pooled_mean_over_response_positions(dtype):
+    """TRL: ``logits[:B][loss_mask[:B]].mean()`` with logits shifted onto the labels they predict."""
+    from tdpo_lab.methods import logit_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    n, t, vocab = 4, 7, 11
+    logits = (torch.randn(n, t, vocab, generator=gen) * 3 + 1).to(dtype)
+    labels = torch.randint(0, vocab, (n, t), generator=gen)
+    labels[:, :3] = -100  # prompt
+    labels[1, 5:] = -100  # padding of a shorter chosen response
+    labels[3, 4:] = -100
+    got = logit_metrics(logits, labels)
+    mask = labels[:, 1:] != -100
+    shifted = logits[:, :-1].float()
+    want_chosen = shifted[:2][mask[:2]].mean().item()  # pooled over every chosen position and entry
+    want_rejected = shifted[2:][mask[2:]].mean().item()
+    assert got["logits/chosen"] == pytest.approx(want_chosen, rel=1e-5)
+    assert got["logits/rejected"] == pytest.approx(want_rejected, rel=1e-5)
+    per_pair = torch.stack([shifted[i][mask[i]].mean() for i in range(2)]).mean().item()
+    assert got["logits/chosen"] != pytest.approx(per_pair, rel=1e-4)  # pooled, not a mean of per-pair means
+    with pytest.raises(ValueError, match="N = 2B"):
+        logit_metrics(logits[:3], labels[:3])

@@ -1,4 +1,4 @@
-"""tdpo_lab.models: the from-scratch GPT-2, save/load through from_pretrained, eager attention, dropout 0."""
+"""tdpo_lab.models: the from-scratch GPT-2, save/load through from_pretrained, eager attention, dropout off."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def test_small_gpt2_config_follows_cfg():
         cfg.n_embd,
         cfg.n_positions,
     )
-    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.0
+    # GPT-2's own dropout values in the config (a saved copy keeps them); build_model switches the modules off
+    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.1
     assert config.eos_token_id == config.bos_token_id == config.pad_token_id == 5
 
 
@@ -48,9 +49,8 @@ def test_build_model_from_scratch(tiny_model, tiny_tokenizer):
 
 
 def test_build_model_is_seeded_and_leaves_the_global_rng_alone(tiny_model):
-    # a model trained from scratch is initialised from data_seed (the SFT model every training seed shares)
-    a, b, c = tiny_model(data_seed=0), tiny_model(data_seed=0), tiny_model(data_seed=1)
-    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), tiny_model(seed=5).parameters(), strict=True))
+    # the weights come from data_seed (a training seed shares pi_ref with the other seeds of its data seed)
+    a, b, c = tiny_model(data_seed=0, seed=0), tiny_model(data_seed=0, seed=5), tiny_model(data_seed=1)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.transformer.h[0].attn.c_attn.weight, c.transformer.h[0].attn.c_attn.weight)
@@ -76,7 +76,32 @@ def test_disable_dropout_on_a_model_built_with_dropout():
     ids = _ids(50, (2, 8))
     assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout 0.1 by default: noisy
     disable_dropout(model)
-    assert model.config.resid_pdrop == model.config.embd_pdrop == model.config.attn_pdrop == 0.0
+    # the modules are off, the config keeps the model's real values (what save_pretrained writes)
+    assert model.config.resid_pdrop == model.config.embd_pdrop == model.config.attn_pdrop == 0.1
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_disable_dropout_also_zeroes_float_dropout_attributes():
+    """Llama-style attention reads a float ``attention_dropout`` copied from the config, not a Dropout module."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        attention_dropout=0.5,
+    )
+    model = LlamaForCausalLM(config).train()
+    model.config._attn_implementation = "eager"
+    ids = _ids(50, (2, 8))
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # attention dropout 0.5: noisy
+    disable_dropout(model)
+    assert model.model.layers[0].self_attn.attention_dropout == 0.0 and model.config.attention_dropout == 0.5
     torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 

@@ -259,3 +259,24 @@ def test_the_kit_works_without_the_notebook_tooling():
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 2 and all('pip install "tdpo-lab[notebooks]"' in line for line in lines), lines
     assert "papermill" in lines[0] and "ipykernel" in lines[1], lines
+
+
+def test_constraints_pin_every_requirement_without_the_kit_or_a_local_build(pyproject):
+    """constraints.txt (.ci/freeze_constraints.py) pins each core and [dev] requirement to one exact release,
+    leaves the kit itself out and drops local labels (torch==X, not X+cpu: a CUDA build of X satisfies it)."""
+    lines = [
+        line
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    pins = {}
+    for line in lines:
+        match = re.fullmatch(r"([a-z0-9-]+)==([0-9][^\s+;]*)", line)
+        assert match, f"constraints.txt: {line!r} is not a plain name==version pin"
+        pins[match.group(1)] = match.group(2)
+    assert len(pins) == len(lines), "a package is pinned twice"
+    assert normalise(pyproject["project"]["name"]) not in pins
+    wanted = {normalise(r) for r in pyproject["project"]["dependencies"] + extra(pyproject, "dev")}
+    missing = sorted(wanted - set(pins))
+    assert not missing, f"constraints.txt lacks {missing}: rerun python .ci/freeze_constraints.py"
+    assert "torch" in pins and "tensorboard" in pins

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pandas as pd
@@ -136,8 +137,13 @@ def test_training_changes_parameters_and_logs(pipeline_cfg, tmp_path, method):
         "rewards/accuracies",
         "kl_seq/chosen",
         "kl_seq/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "learning_rate",
     ):
         assert key in metrics[0], key
+    # warm-up of one step: the constant rate, under TRL's name and the kit's first one
+    assert all(m["learning_rate"] == m["lr"] == pytest.approx(cfg.lr) for m in metrics)
     assert abs(metrics[0]["loss"] - (0.6931 if method != "tidpo" else metrics[0]["loss"])) < 1e-3
     evals = read_jsonl(run / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 3, 6]
@@ -163,12 +169,22 @@ def test_same_seed_same_metrics_and_resume_is_exact(pipeline_cfg, tmp_path):
     b = train(cfg, tmp_path / "b", progress=False)
     assert _metrics(a) == _metrics(b)
     # killed after 5 steps (last checkpoint at step 4), then resumed by the same call
-    c = train(cfg, tmp_path / "c", progress=False, stop_after=5)
+    # report_to only mirrors the logs: the same run folder, and TensorBoard ends with the JSON lines' values
+    mirrored = cfg.replace(report_to="tensorboard" if importlib.util.find_spec("tensorboard") else "")
+    c = train(mirrored, tmp_path / "c", progress=False, stop_after=5)
     assert not (c / "policy").exists()
-    train(cfg, c, progress=False)
+    train(mirrored, c, progress=False)
     assert _metrics(a) == _metrics(c)
     assert read_jsonl(a / "eval.jsonl") == read_jsonl(c / "eval.jsonl")
     _assert_same_weights(_state(a / "policy"), _state(c / "policy"))
+    if mirrored.report_to:
+        from test_trackers import tensorboard_scalars
+
+        scalars = tensorboard_scalars(c / "tensorboard")
+        for record in read_jsonl(c / "metrics.jsonl"):
+            for key in ("loss", "logits/chosen", "learning_rate"):
+                assert scalars[key][record["step"]] == pytest.approx(record[key], rel=1e-6), key
+        assert sorted(scalars["eval/reward"]) == [e["step"] for e in read_jsonl(c / "eval.jsonl")]
 
 
 def test_run_folder_with_other_config_is_refused(pipeline_cfg, tmp_path):

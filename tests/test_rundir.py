@@ -16,6 +16,15 @@ def test_env_json_and_rundir_open(tmp_path):
     for key in ("python", "torch", "transformers", "numpy", "device", "git_commit", "hostname", "time"):
         assert env[key], key
     assert set(write_env(tmp_path / "other")) == set(env)
+    # the full package list, pip-freeze style: the kit's own dependencies are in it with their versions
+    import torch
+    import transformers
+
+    packages = env["packages"]
+    names = [p.split("==")[0].lower() for p in packages]
+    assert names == sorted(names) and len(names) == len(set(names))
+    assert f"torch=={torch.__version__}" in packages
+    assert f"transformers=={transformers.__version__}" in packages
     assert run.config()["method"] == "tdpo2"
     record = run.log_eval(0, {"reward": np.float64(0.5), "kl_seq": 0.0})
     assert record == {
@@ -50,7 +59,7 @@ def test_open_refuses_another_config_and_ignores_other_methods_knobs(tmp_path):
     assert RunDir(tmp_path / "run").config()["beta"] == 0.1
 
 
-def test_paths_logs_and_finished(tmp_path):
+def test_paths_logs_and_finished(tmp_path, tiny_model, tiny_tokenizer):
     cfg = load_config("tiny", fast=False, method="tdpo2", seed=0)
     run = RunDir.open(tmp_path / run_name(cfg), cfg)
     assert run.checkpoint_path == run.path / "checkpoint" / "state.pt"
@@ -63,12 +72,13 @@ def test_paths_logs_and_finished(tmp_path):
     run.clear_logs()
     assert run.metrics() == [] and run.evals() == []
 
-    class Saves:  # stands in for a model and a tokenizer: save_pretrained writes config.json
-        def save_pretrained(self, folder):
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "config.json").write_text("{}")
-
+    run.log_eval(0, {"reward": 0.5, "kl_seq": 0.0})
+    run.log_eval(6, {"reward": 0.625, "kl_seq": 1.5})
     run.checkpoint_dir.mkdir()
-    run.save_policy(Saves(), Saves())
+    model = tiny_model()
+    run.save_policy(model, tiny_tokenizer)
     assert run.is_finished and not run.checkpoint_dir.exists()  # the finished policy replaces the checkpoint
+    card = (run.policy_dir / "README.md").read_text()  # tdpo_lab.export's card, metrics from eval.jsonl
+    assert "| reward | 0.5 | 0.625 |" in card and "pi_ref (step 0)" in card and "policy (step 6)" in card
+    assert (run.policy_dir / "generation_config.json").is_file()
     assert "alpha0.5" in run.path.name  # tdpo2 reads alpha, so its run name carries it

@@ -181,6 +181,9 @@ def test_get_tokenizer_trains_once_then_loads_from_cache(imdb_path, tmp_cache, m
     monkeypatch.setattr(tok_mod, "train_bpe_tokenizer", no_training)
     second = get_tokenizer(cfg)
     assert second.get_vocab() == first.get_vocab()
+    # it declares the context of the model it serves; n_positions is not in the key: the same entry serves both
+    assert first.model_max_length == cfg.n_positions == 256
+    assert get_tokenizer(cfg.replace(n_positions=128)).model_max_length == 128
     with pytest.raises(AssertionError, match="cached"):
         get_tokenizer(cfg.replace(vocab_size=600))  # another size is another cache entry
 

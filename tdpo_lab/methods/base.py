@@ -320,6 +320,34 @@ def preference_loss(
 
 
 @torch.no_grad()
+def logit_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
+    """TRL's ``logits/chosen`` and ``logits/rejected``: the mean policy logit over response positions.
+
+    ``logits`` ``[N, T, V]`` (rows ``[:N/2]`` chosen, ``[N/2:]`` rejected), ``labels`` ``[N, T]`` unshifted, -100
+    off the response. As TRL's ``DPOTrainer`` computes them: the positions that predict a response token
+    (``logits[:, :-1]`` where ``labels[:, 1:] != -100``), every vocabulary entry, pooled over the half-batch
+    (one mean over all those positions and entries, not a mean of per-pair means). A drift of this number
+    shows the logits' scale moving, which a log-softmax hides. Summed over the vocabulary first, in fp32, so
+    no ``[positions, V]`` copy is made.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2] or logits.shape[0] % 2:
+        raise ValueError(
+            f"need logits [N, T, V] with N = 2B even and labels [N, T], got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    b, vocab = logits.shape[0] // 2, logits.shape[-1]
+    mask = labels[:, 1:] != -100
+    sums = logits[:, :-1].sum(-1, dtype=torch.float32)  # [N, T-1]: each position's logits summed over V
+    zero = torch.zeros((), dtype=sums.dtype, device=sums.device)
+    per_row = torch.where(mask, sums, zero).sum(-1)
+    positions = mask.sum(-1).to(sums.dtype)
+    out = {}
+    for name, rows in (("logits/chosen", slice(0, b)), ("logits/rejected", slice(b, None))):
+        out[name] = (per_row[rows].sum() / (positions[rows].sum().clamp(min=1) * vocab)).item()
+    return out
+
+
+@torch.no_grad()
 def _metrics(method: Method, terms: PairTerms, ratio, loss, beta: float) -> dict[str, float]:
     rewards_w, rewards_l = beta * terms.chosen, beta * terms.rejected
     values = {
