@@ -71,6 +71,10 @@ def test_committed_chapter_shows_real_outputs(name):
     record = nb.metadata.get("tdpo_lab", {}).get("provenance")
     assert record is not None, f"{name}: no provenance; publish it with tdpo-lab reproduce --publish"
     assert record["fast"] is False, f"{name}: published from the fast configuration"
+    assert record["profile"] == "tiny", f"{name}: published from the {record['profile']} profile, not tiny"
+    params = _parameters_cell(nb).source
+    if "seeds = None" in params:  # the chapters that average seeds (05, 08) are published with three
+        assert len(record["seeds"]) >= 3, f"{name}: published with seeds {record['seeds']}, not three or more"
     assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
     for cell in nb.cells:
         if cell.cell_type != "code":
