@@ -123,6 +123,22 @@ def compute_loss(
 
 
 # --- the loop ------------------------------------------------------------------------------------------
+def _evaluate(policy, reference, tokenizer, reward, prompts, heldout, cfg: Config, *, progress: bool) -> dict:
+    """One evaluation of ``policy`` as every run records it: its seed's samples and the held-out pairs."""
+    return evaluate_policy(
+        policy,
+        reference,
+        tokenizer,
+        reward,
+        prompts,
+        cfg,
+        pairs=heldout,
+        seed=cfg.seed,
+        **_pair_beta(cfg),
+        progress=progress,
+    )
+
+
 def reference_evaluation(
     cfg: Config,
     reference,
@@ -137,18 +153,7 @@ def reference_evaluation(
     """Evaluation of pi_ref itself (step 0 of every run), cached: it is the same for every method."""
 
     def build(folder: Path) -> None:
-        result = evaluate_policy(
-            reference,
-            reference,
-            tokenizer,
-            reward,
-            prompts,
-            cfg,
-            pairs=heldout,
-            seed=cfg.seed,
-            **_pair_beta(cfg),
-            progress=progress,
-        )
+        result = _evaluate(reference, reference, tokenizer, reward, prompts, heldout, cfg, progress=progress)
         write_json(folder / REFERENCE_EVAL_FILE, result)
 
     return fetch(
@@ -266,18 +271,7 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
         tracker.log_eval(run.log_eval(0, result, cfg))
 
     def evaluate(step: int) -> None:
-        result = evaluate_policy(
-            raw_policy,
-            reference,
-            tokenizer,
-            reward,
-            prompts,
-            cfg,
-            pairs=heldout,
-            seed=cfg.seed,
-            **_pair_beta(cfg),
-            progress=progress,
-        )
+        result = _evaluate(raw_policy, reference, tokenizer, reward, prompts, heldout, cfg, progress=progress)
         tracker.log_eval(run.log_eval(step, result, cfg))
         raw_policy.train()
 

@@ -7,40 +7,17 @@ import json
 import nbformat
 import pandas as pd
 import pytest
+from cli_args import small_cli_args
 
 from tdpo_lab.cli import main
 from tdpo_lab.utils import read_jsonl
 
 pytestmark = pytest.mark.slow
 
-SMALL = [
-    "max_train_reviews=300",
-    "vocab_size=512",
-    "n_layer=1",
-    "n_head=2",
-    "n_embd=32",
-    "n_positions=192",
-    "sft_steps=10",
-    "sft_block_size=48",
-    "pair_prompts=8",
-    "samples_per_prompt=3",
-    "max_new_tokens=8",
-    "train_steps=2",
-    "batch_size=2",
-    "eval_every=1",
-    "eval_prompts=2",
-    "eval_samples=2",
-    "eval_max_new_tokens=6",
-    "eval_pairs=2",
-    "anchor_max_new_tokens=4",
-]
-
 
 @pytest.fixture(scope="module")
 def small_args(imdb_path, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cli-cache")
-    sets = [f"data_path={imdb_path}", f"cache_dir={cache}", *SMALL]
-    return ["--fast", "--quiet", *[arg for s in sets for arg in ("--set", s)]]
+    return small_cli_args(imdb_path, tmp_path_factory.mktemp("cli-cache"))
 
 
 def test_run_writes_a_run_folder(small_args, tmp_path, capsys):
@@ -169,48 +146,25 @@ def test_sweep_jobs_two_gives_the_results_of_jobs_one(small_args, tmp_path):
 
 def test_frontier_study_trains_the_grid_and_writes_envelopes_and_verdicts(small_args, tmp_path, capsys):
     root = tmp_path / "study"
-    betas = "dpo=0.1,0.5;tdpo2=0.1"
-    assert (
-        main(
-            [
-                "frontier-study",
-                "--betas",
-                betas,
-                "--seeds",
-                "0,1",
-                "--jobs",
-                "1",
-                "--out",
-                str(root),
-                *small_args,
-            ]
-        )
-        == 0
-    )
+    study = [
+        "frontier-study",
+        "--betas",
+        "dpo=0.1,0.5;tdpo2=0.1",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(root),
+        *small_args,
+    ]
+    assert main([*study, "--jobs", "1"]) == 0
     report = (root / "frontier_study.md").read_text()
     assert "| TDPO2 |" in report and "Does the method's envelope dominate DPO's?" in report
     assert any(v in report for v in ("beyond 2 standard errors", "within noise", "opposite"))
     assert (root / "frontier_study.png").stat().st_size > 0
-    runs = pd.read_csv(root / "runs.csv") if (root / "runs.csv").exists() else None
-    assert runs is None  # the study writes its own report, not the sweep's table
+    assert not (root / "runs.csv").exists()  # the study writes its own report, not the sweep's table
     assert len(list(root.glob("*/eval.jsonl"))) == 6  # (dpo x 2 betas + tdpo2) x 2 seeds
     # collecting again from the finished runs writes the same report
-    assert (
-        main(
-            [
-                "frontier-study",
-                "--betas",
-                betas,
-                "--seeds",
-                "0,1",
-                "--collect-only",
-                "--out",
-                str(root),
-                *small_args,
-            ]
-        )
-        == 0
-    )
+    assert main([*study, "--collect-only"]) == 0
     assert (root / "frontier_study.md").read_text() == report
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_pipeline import TINY as PIPELINE_TINY
 
 from tdpo_lab.config import ConfigError, load_config
 from tdpo_lab.distributed import check_split, rank_rows
@@ -45,33 +46,17 @@ WEIGHTS_ATOL = 5e-5  # see the module docstring
 METRICS_TOL = 1e-5
 POOLED_TOL = 1e-3  # means pooled over tokens (logits/*): the mean of slice means differs from the pooled one
 
-# As test_pipeline's TINY, with batches of 4 (2 rows per process) and 4 preference steps.
-TINY = dict(
-    max_train_reviews=300,
-    vocab_size=512,
-    n_layer=1,
-    n_head=2,
-    n_embd=32,
-    n_positions=192,
-    sft_steps=12,
-    sft_batch_size=4,
-    sft_block_size=48,
-    sft_eval_every=6,
-    sft_checkpoint_every=6,
-    pair_prompts=12,
-    samples_per_prompt=3,
-    max_new_tokens=10,
-    train_steps=4,
-    batch_size=4,
-    eval_every=2,
-    checkpoint_every=2,
-    eval_prompts=4,
-    eval_samples=2,
-    eval_max_new_tokens=8,
-    eval_pairs=3,
-    lr=2e-3,
-    warmup_steps=1,
-)
+# test_pipeline's TINY with batches of 4 (2 rows per process) and 4 preference steps.
+TINY = {
+    **PIPELINE_TINY,
+    "sft_steps": 12,
+    "sft_batch_size": 4,
+    "sft_eval_every": 6,
+    "sft_checkpoint_every": 6,
+    "train_steps": 4,
+    "batch_size": 4,
+    "eval_every": 2,
+}
 
 
 # --- the split of a batch ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import datasets
 import pandas as pd
 import pytest
 import torch
+from cli_args import small_cli_args
 
 from tdpo_lab.config import ConfigError, load_config, result_fields
 from tdpo_lab.data import DataNotFoundError
@@ -304,33 +305,13 @@ def test_pair_accuracy_identities(tiny_model, tiny_tokenizer):
 
 
 # --- end to end ---------------------------------------------------------------------------------------------
-SMALL = [
-    "max_train_reviews=300",
-    "vocab_size=512",
-    "n_layer=1",
-    "n_head=2",
-    "n_embd=32",
-    "n_positions=64",
-    "sft_steps=10",
-    "sft_block_size=48",
-    "pair_prompts=8",
-    "samples_per_prompt=3",
-    "max_new_tokens=8",
-    "train_steps=2",
-    "batch_size=2",
-    "eval_every=1",
-    "eval_prompts=2",
-    "eval_samples=2",
-    "eval_max_new_tokens=6",
-    "eval_pairs=4",
-]
 
 
 @pytest.fixture(scope="module")
 def small_args(imdb_path, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("user-pairs-cache")
-    sets = [f"data_path={imdb_path}", f"cache_dir={cache}", *SMALL]
-    return ["--fast", "--quiet", *[arg for s in sets for arg in ("--set", s)]]
+    return small_cli_args(
+        imdb_path, tmp_path_factory.mktemp("user-pairs-cache"), n_positions=64, eval_pairs=4
+    )
 
 
 @pytest.mark.slow
