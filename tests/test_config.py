@@ -181,3 +181,11 @@ def test_every_field_has_a_supported_type():
     for field in dataclasses.fields(Config):
         annotation = field.type if isinstance(field.type, str) else field.type.__name__
         assert annotation in {"int", "float", "str", "bool"}, field.name
+
+
+def test_default_seeds_three_on_the_full_tiny_profile_one_elsewhere():
+    from tdpo_lab.config import default_seeds
+
+    assert default_seeds(load_config("tiny", fast=False)) == [0, 1, 2]
+    assert default_seeds(load_config("tiny", fast=True, seed=4)) == [4]
+    assert default_seeds(load_config("gpt2", fast=False)) == [0]

@@ -49,3 +49,18 @@ def test_publish_drops_injected_cell_scrubs_paths_and_records_provenance(tmp_pat
 def test_scrub_replaces_the_longest_path_first():
     text = "/a/b/c and /a/b"
     assert scrub_paths(text, {"/a/b": "<out>", "/a/b/c": "<cache>"}) == "<cache> and <out>"
+
+
+def test_chapter_seeds_come_from_the_executed_parameters(tmp_path):
+    from tdpo_lab.publish import chapter_seeds
+
+    def executed(parameters):
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["papermill"] = {"parameters": parameters}
+        path = tmp_path / f"nb{len(list(tmp_path.iterdir()))}.ipynb"
+        nbformat.write(nb, path)
+        return path
+
+    assert chapter_seeds(executed({"seeds": [0, 1, 2], "seed": 5})) == [0, 1, 2]  # the list wins
+    assert chapter_seeds(executed({"seeds": None, "seed": 3})) == [3]
+    assert chapter_seeds(executed({"profile": "tiny"})) == [0]
