@@ -1,0 +1,66 @@
+"""The run-folder names and cache keys of a fixed set of configurations, recorded so a refactor cannot move them.
+
+``python tests/frozen_keys.py`` rewrites ``tests/data/frozen_keys.json`` (do it only when a change of key is
+intended, and say so in the commit); ``tests/test_frozen_keys.py`` recomputes and compares. Cache keys depend
+on the IMDb sample's fingerprint, so they are recorded against ``../shared/data/imdb``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+RECORD = Path(__file__).resolve().parent / "data" / "frozen_keys.json"
+STAGE_NAMES = ("tokenizer", "reward", "sft", "pairs", "attnpo", "eval_ref")
+
+
+def configurations() -> list[tuple[str, dict]]:
+    """(profile, overrides) pairs: every method's default, the published study grid, seeds, fast, other profiles."""
+    out: list[tuple[str, dict]] = []
+    for fast in (False, True):
+        for method in ("dpo", "tdpo1", "tdpo2", "attnpo", "tidpo", "ipo"):
+            for seed in (0, 1, 2):
+                out.append(("tiny", {"fast": fast, "method": method, "seed": seed}))
+    grid = {"dpo": (0.1, 0.3, 1.0, 3.0), "tdpo1": (0.1, 0.3, 1.0), "tdpo2": (0.01, 0.03, 0.1, 0.3)}
+    for method, betas in grid.items():
+        for beta in betas:
+            out.append(("tiny", {"fast": False, "method": method, "beta": beta, "seed": 1}))
+    out += [
+        ("tiny", {"fast": False, "method": "tdpo2", "alpha": 0.25}),
+        ("tiny", {"fast": False, "method": "tidpo", "gamma": 0.2, "lam": 0.5}),
+        ("tiny", {"fast": False, "method": "attnpo", "attn_fix_sink": False}),
+        ("tiny", {"fast": False, "method": "dpo", "data_seed": 1}),
+        ("tiny", {"fast": False, "method": "dpo", "mixed_precision": "bf16"}),
+        ("tiny", {"fast": False, "method": "dpo", "lr": 1e-4, "train_steps": 100}),
+        ("gpt2", {"fast": False, "method": "tdpo2"}),
+        ("gpt2", {"fast": True, "method": "dpo"}),
+        ("smol", {"fast": False, "method": "attnpo"}),
+        ("smol", {"fast": True, "method": "tdpo2"}),
+    ]
+    return out
+
+
+def compute() -> list[dict]:
+    from tdpo_lab import cache_plan, load_config, run_name  # the public surface
+
+    rows = []
+    for profile, overrides in configurations():
+        overrides = dict(overrides)
+        fast = overrides.pop("fast")
+        cfg = load_config(profile, fast=fast, **overrides)
+        plan = cache_plan(cfg)
+        keys = {}
+        for stage in STAGE_NAMES:
+            keys[stage] = plan.key(stage)
+        rows.append({"profile": profile, "fast": fast, "overrides": overrides, "run_name": run_name(cfg), "keys": keys})
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TDPO_LAB_IMDB", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"))
+    rows = compute()
+    RECORD.parent.mkdir(parents=True, exist_ok=True)
+    RECORD.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(rows)} configurations to {RECORD}", file=sys.stderr)
