@@ -52,14 +52,14 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     from tdpo_lab.config import load_config
-    from tdpo_lab.evaluate import evaluate_policy
+    from tdpo_lab.core.evaluate import evaluate_policy
     from tdpo_lab.methods.attnpo_judge import attention_weights
-    from tdpo_lab.models import load_model
-    from tdpo_lab.reward import get_reward
-    from tdpo_lab.sft import load_reference
-    from tdpo_lab.smol import SMOL_MODEL, smol_missing
-    from tdpo_lab.tokenizer import load_tokenizer
-    from tdpo_lab.train import compute_loss, evaluation_prompts
+    from tdpo_lab.core.models import load_model
+    from tdpo_lab.products.reward import get_reward
+    from tdpo_lab.products.sft import load_reference
+    from tdpo_lab.core.smol import SMOL_MODEL, smol_missing
+    from tdpo_lab.products.tokenizer import load_tokenizer
+    from tdpo_lab.runs.train import compute_loss, evaluation_prompts
 
     if (missing := smol_missing()) is not None:
         raise SystemExit(missing)
@@ -121,7 +121,7 @@ def main() -> None:
     del policies, optimizers
 
     # --- sampling and evaluation ---------------------------------------------------------------------------
-    from tdpo_lab.generation import sample
+    from tdpo_lab.core.generation import sample
 
     prompts = list(pairs.prompt)
     rows_per_prompt = max(1, cfg.sample_batch_size // len(prompts))

@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tdpo_lab.logprobs import token_stats  # noqa: E402
+from tdpo_lab.core.logprobs import token_stats  # noqa: E402
 
 VOCAB = 50257
 PROMPT_LEN = 8

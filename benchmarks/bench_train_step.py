@@ -5,9 +5,9 @@ method; AttentionPO's weights are computed beforehand (as the training loop cach
 its gradient attribution and its triplet anchor every step. Methods are timed round-robin, so drift in
 the machine's speed hits all of them alike; the table reports the median over steps. A last line times
 the TI-DPO anchor's draw alone, on the first batch's prompts, round-robin: ``generate``
-(:func:`tdpo_lab.generation.sample_ids`), the KV-cache loop through the model's own forward
-(:class:`tdpo_lab.kv_steps.ModelSteps`) and the loop the training step uses
-(:func:`tdpo_lab.generation.sample_ids_fast`, with :class:`tdpo_lab.kv_steps.GPT2Steps` on GPT-2).
+(:func:`tdpo_lab.core.generation.sample_ids`), the KV-cache loop through the model's own forward
+(:class:`tdpo_lab.core.kv_steps.ModelSteps`) and the loop the training step uses
+(:func:`tdpo_lab.core.generation.sample_ids_fast`, with :class:`tdpo_lab.core.kv_steps.GPT2Steps` on GPT-2).
 
     python benchmarks/bench_train_step.py --steps 10 --warmup 2 --threads 1
 
@@ -26,15 +26,15 @@ import pandas as pd
 import torch
 
 from tdpo_lab.config import load_config
-from tdpo_lab.data import clean_text, load_imdb, make_prefixes
-from tdpo_lab.generation import sample_ids, sample_ids_fast
-from tdpo_lab.kv_steps import GPT2Steps
+from tdpo_lab.core.data import clean_text, load_imdb, make_prefixes
+from tdpo_lab.core.generation import sample_ids, sample_ids_fast
+from tdpo_lab.core.kv_steps import GPT2Steps
 from tdpo_lab.methods import method_names
 from tdpo_lab.methods.attnpo_judge import attention_weights
-from tdpo_lab.models import build_model
-from tdpo_lab.tokenizer import get_tokenizer
-from tdpo_lab.train import compute_loss
-from tdpo_lab.utils import seed_everything
+from tdpo_lab.core.models import build_model
+from tdpo_lab.products.tokenizer import get_tokenizer
+from tdpo_lab.runs.train import compute_loss
+from tdpo_lab.core.utils import seed_everything
 
 TARGETS = {"dpo": 1.0, "tdpo1": None, "tdpo2": 1.15, "attnpo": 1.05, "tidpo": 1.8}
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # GPU check: what the CPU-only CI cannot see, in one run of a few minutes on a CUDA machine.
 #
-#   1. tdpo_lab.logprobs.token_stats on CUDA against the naive float64 formula (tests/test_logprobs.py):
+#   1. tdpo_lab.core.logprobs.token_stats on CUDA against the naive float64 formula (tests/test_logprobs.py):
 #      values and gradients, fp32 and bf16 logits, automatic and small chunks, the tests' tolerances;
 #   2. its speed and peak memory against the naive full-softmax code (benchmarks/bench_token_stats.py) at
 #      GPT-2 small's shape (V = 50257, N = 16, T = 512) and a large one (N = 32, T = 1024), fp32 and bf16;
 #   3. chapter 04 (DPO) with profile="gpt2", fast=True on stand-ins for the hub's models built on the machine
-#      (tdpo_lab.standins, offline, as tests/test_gpt2_profile.py does), training on the GPU.
+#      (tdpo_lab.course.standins, offline, as tests/test_gpt2_profile.py does), training on the GPU.
 #
 # From the repository root:
 #   bash benchmarks/gpu_check.sh                 # on a CUDA machine; exits at once, with a message, without one
@@ -101,7 +101,7 @@ if not imdb or not os.path.isfile(os.path.join(imdb, "train.parquet")):
 
 import torch.nn.functional as F  # noqa: E402
 
-from tdpo_lab.logprobs import token_stats  # noqa: E402
+from tdpo_lab.core.logprobs import token_stats  # noqa: E402
 
 name = torch.cuda.get_device_name() if MODE == "gpu" else "CPU (dry run: small shapes, timings mean nothing)"
 print(f"## GPU check ({time.strftime('%Y-%m-%d %H:%M %Z')})\n")
@@ -271,7 +271,7 @@ for n, t in timing_shapes:
 
 # --- 3. one chapter on the gpt2 profile, stand-ins built here ------------------------------------------------
 print("\n### 3. chapter 04 (DPO), profile='gpt2', fast=True, on stand-ins built offline\n")
-from tdpo_lab.standins import build_gpt2_stand_ins  # noqa: E402
+from tdpo_lab.course.standins import build_gpt2_stand_ins  # noqa: E402
 
 started = time.perf_counter()
 stand_ins = build_gpt2_stand_ins(os.path.join(WORK, "stand_ins"))

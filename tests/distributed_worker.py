@@ -13,9 +13,9 @@ import json
 import sys
 
 from tdpo_lab.config import load_config
-from tdpo_lab.distributed import accelerator_for
-from tdpo_lab.sft import train_sft
-from tdpo_lab.train import train
+from tdpo_lab.core.distributed import accelerator_for
+from tdpo_lab.products.sft import train_sft
+from tdpo_lab.runs.train import train
 
 
 def main(spec: dict) -> None:

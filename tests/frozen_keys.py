@@ -43,23 +43,35 @@ def configurations() -> list[tuple[str, dict]]:
 
 
 def compute() -> list[dict]:
-    from tdpo_lab import cache_plan, load_config, run_name  # the public surface
+    from tdpo_lab import load_config  # the public surface
+    from tdpo_lab.cache import Plan
+    from tdpo_lab.runs import run_name
 
     rows = []
     for profile, overrides in configurations():
         overrides = dict(overrides)
         fast = overrides.pop("fast")
         cfg = load_config(profile, fast=fast, **overrides)
-        plan = cache_plan(cfg)
+        plan = Plan(cfg)
         keys = {}
         for stage in STAGE_NAMES:
             keys[stage] = plan.key(stage)
-        rows.append({"profile": profile, "fast": fast, "overrides": overrides, "run_name": run_name(cfg), "keys": keys})
+        rows.append(
+            {
+                "profile": profile,
+                "fast": fast,
+                "overrides": overrides,
+                "run_name": run_name(cfg),
+                "keys": keys,
+            }
+        )
     return rows
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TDPO_LAB_IMDB", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"))
+    os.environ.setdefault(
+        "TDPO_LAB_IMDB", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb")
+    )
     rows = compute()
     RECORD.parent.mkdir(parents=True, exist_ok=True)
     RECORD.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")

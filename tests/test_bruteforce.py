@@ -1,6 +1,6 @@
 """Brute force on a 3-token vocabulary: enumerate every sequence of a tiny causal LM.
 
-Checks the shifting and masking of tdpo_lab.logprobs against quantities computed without them:
+Checks the shifting and masking of tdpo_lab.core.logprobs against quantities computed without them:
 - masked sums of token log-probs are sequence log-probs: for every prompt, the probabilities of all its
   continuations sum to 1, and each equals the chain-rule product of next-token probabilities read off
   prefix-only forward passes;
@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tolerances import rounding_atol  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from tdpo_lab.logprobs import per_token_logps, sequence_logps, token_stats  # noqa: E402
+from tdpo_lab.core.logprobs import per_token_logps, sequence_logps, token_stats  # noqa: E402
 
 VOCAB, PROMPT, CONT = 3, 2, 4
 

@@ -10,7 +10,7 @@ import pytest
 from cli_args import small_cli_args
 
 from tdpo_lab.cli import main
-from tdpo_lab.utils import read_jsonl
+from tdpo_lab.core.jsonl import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -173,7 +173,7 @@ def test_reproduce_streams_a_running_chapter_to_its_log(tmp_path):
     import threading
     import time
 
-    from tdpo_lab.chapters import run_chapters
+    from tdpo_lab.course.chapters import run_chapters
 
     chapters, out, go = tmp_path / "nbs", tmp_path / "out", tmp_path / "go"
     chapters.mkdir()

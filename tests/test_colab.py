@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tdpo_lab.colab import drive_cache, resolve_profile
+from tdpo_lab.course.colab import drive_cache, resolve_profile
 from tdpo_lab.config import ConfigError
 
 

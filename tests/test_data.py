@@ -1,4 +1,4 @@
-"""tdpo_lab.data: IMDb loading and its errors, cleaning, fingerprints, prefixes, batch collation."""
+"""tdpo_lab.core.data: IMDb loading and its errors, cleaning, fingerprints, prefixes, batch collation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tdpo_lab.data import (
+from tdpo_lab.core.data import (
     IGNORE_INDEX,
     DataError,
     DataNotFoundError,

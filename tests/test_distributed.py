@@ -1,4 +1,4 @@
-"""Training as several processes (tdpo_lab.distributed) gives the training of one process.
+"""Training as several processes (tdpo_lab.core.distributed) gives the training of one process.
 
 Two gloo processes on the CPU (``python -m torch.distributed.run --nproc_per_node 2``, what ``accelerate
 launch`` starts) train the same preference run and the same SFT model as one process with the same global
@@ -30,15 +30,15 @@ import torch
 from test_pipeline import TINY as PIPELINE_TINY
 
 from tdpo_lab.config import ConfigError, load_config
-from tdpo_lab.distributed import check_split, rank_rows
-from tdpo_lab.loop import TrainingLoop
-from tdpo_lab.models import load_model
-from tdpo_lab.pipeline import STAGES
-from tdpo_lab.rundir import RunDir, run_name
-from tdpo_lab.sft import sft_dir, train_sft
-from tdpo_lab.stages import Stage
-from tdpo_lab.train import train
-from tdpo_lab.utils import read_jsonl
+from tdpo_lab.core.distributed import check_split, rank_rows
+from tdpo_lab.core.loop import TrainingLoop
+from tdpo_lab.core.models import load_model
+from tdpo_lab.cache.plan import STAGES
+from tdpo_lab.runs.rundir import RunDir, run_name
+from tdpo_lab.products.sft import sft_dir, train_sft
+from tdpo_lab.cache.store import Stage
+from tdpo_lab.runs.train import train
+from tdpo_lab.core.jsonl import read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -111,7 +111,7 @@ def test_gradient_accumulation_in_the_loop_gives_the_whole_batch_step(tmp_path):
             sched,
             total_steps=3,
             checkpoint_path=folder / "ckpt.pt",
-            logs=[folder / "log.jsonl"],
+            log=[folder / "log.jsonl"],
             eval_every=10,
             checkpoint_every=10,
             grad_accum_steps=parts,

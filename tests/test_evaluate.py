@@ -12,7 +12,7 @@ import torch
 from toy import make_model, make_tokenizer
 
 from tdpo_lab.config import load_config
-from tdpo_lab.evaluate import (
+from tdpo_lab.core.evaluate import (
     aggregate_samples,
     distinct_n,
     evaluate_policy,
@@ -20,7 +20,7 @@ from tdpo_lab.evaluate import (
     pair_seqkl,
     response_stats,
 )
-from tdpo_lab.generation import encode_prompts, sample
+from tdpo_lab.core.generation import encode_prompts, sample
 
 PROMPTS = ["this movie", "a terrible film, boring", "I", "the plot made no sense but", ""]
 

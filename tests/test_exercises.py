@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tdpo_lab.exercises import (
+from tdpo_lab.course.exercises import (
     BEGIN,
     CHAPTERS,
     END,

@@ -1,4 +1,4 @@
-"""tdpo_lab.export: a saved model reloads with the plain transformers classes, keeps its real config, declares
+"""tdpo_lab.core.export: a saved model reloads with the plain transformers classes, keeps its real config, declares
 its context in the tokenizer, samples with its saved GenerationConfig, and carries a model card."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tdpo_lab.config import load_config
-from tdpo_lab.export import CARD, model_card, save_model
+from tdpo_lab.core.export import CARD, model_card, save_model
 
 SIZES = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64, "eval_max_new_tokens": 12}
 

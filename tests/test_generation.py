@@ -21,7 +21,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from tdpo_lab.generation import (
+from tdpo_lab.core.generation import (
     _batch_seed,
     _left_pad,
     decode_response,
@@ -33,7 +33,7 @@ from tdpo_lab.generation import (
     sample_ids,
     sample_ids_fast,
 )
-from tdpo_lab.kv_steps import GPT2Steps, ModelSteps, cached_steps
+from tdpo_lab.core.kv_steps import GPT2Steps, ModelSteps, cached_steps
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The ``gpt2`` profile end to end, offline: every chapter and every method on local stand-ins for the hub.
 
-CI cannot reach the Hugging Face hub, so :func:`tdpo_lab.standins.build_gpt2_stand_ins` writes, once per
+CI cannot reach the Hugging Face hub, so :func:`tdpo_lab.course.standins.build_gpt2_stand_ins` writes, once per
 session, a tiny random GPT-2 with GPT-2's real 50,257-entry tokenizer and a tiny random sentiment classifier,
 and the config keys ``model``, ``tokenizer`` and ``reward`` point at them: the same ``from_pretrained`` path a
 hub name takes, the gpt2 profile's sizes and settings, the fast configuration. The chapters take the keys
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tdpo_lab.chapters import NOTEBOOKS
+from tdpo_lab.course.chapters import NOTEBOOKS
 from tdpo_lab.config import load_config
 from tdpo_lab.methods import method_names
-from tdpo_lab.rundir import RunDir
-from tdpo_lab.standins import build_gpt2_stand_ins, is_stand_in, uses_stand_ins
-from tdpo_lab.utils import read_jsonl
+from tdpo_lab.runs.rundir import RunDir
+from tdpo_lab.course.standins import build_gpt2_stand_ins, is_stand_in, uses_stand_ins
+from tdpo_lab.core.jsonl import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +43,9 @@ def gpt2_run_root(tmp_path_factory) -> Path:
 
 
 def test_stand_ins_take_the_hub_models_place(stand_ins):
-    from tdpo_lab.models import build_model
-    from tdpo_lab.reward import get_reward
-    from tdpo_lab.tokenizer import GPT2_VOCAB_SIZE, get_tokenizer
+    from tdpo_lab.core.models import build_model
+    from tdpo_lab.products.reward import get_reward
+    from tdpo_lab.products.tokenizer import GPT2_VOCAB_SIZE, get_tokenizer
 
     cfg = load_config("gpt2", fast=True, **stand_ins)
     tokenizer = get_tokenizer(cfg)

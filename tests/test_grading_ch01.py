@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tdpo_lab.config import load_config
-from tdpo_lab.grading import ExerciseError
-from tdpo_lab.grading.ch01 import check_lr_schedule, check_next_token_loss, check_pack_blocks
+from tdpo_lab.course.grading import ExerciseError
+from tdpo_lab.course.grading.ch01 import check_lr_schedule, check_next_token_loss, check_pack_blocks
 
 # ---------------------------------------------------------------- exercise 1: packing
 

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tdpo_lab.grading import ExerciseError
-from tdpo_lab.grading.ch02 import check_gap_stats, check_rank_pairs, check_repaired
-from tdpo_lab.pairs import PAIR_COLUMNS, rank_pairs
+from tdpo_lab.course.grading import ExerciseError
+from tdpo_lab.course.grading.ch02 import check_gap_stats, check_rank_pairs, check_repaired
+from tdpo_lab.products.pairs import PAIR_COLUMNS, rank_pairs
 
 TEXTS = [
     [" a fine film", " dull", " great fun", " so bad"],

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tdpo_lab.grading import ExerciseError
-from tdpo_lab.grading.ch03 import (
+from tdpo_lab.course.grading import ExerciseError
+from tdpo_lab.course.grading.ch03 import (
     check_advantage_identity,
     check_kl_grad,
     check_sequence_optimum,

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tdpo_lab.grading import ExerciseError
-from tdpo_lab.grading.ch04 import (
+from tdpo_lab.course.grading import ExerciseError
+from tdpo_lab.course.grading.ch04 import (
     check_dpo_loss,
     check_dpo_token_gradient,
     check_ipo_loss,
     check_reward_accuracy,
 )
-from tdpo_lab.logprobs import token_stats
+from tdpo_lab.core.logprobs import token_stats
 
 B, T, V = 3, 8, 11  # pairs, sequence length, vocabulary
 BETA = 0.1

@@ -1,4 +1,4 @@
-"""Chapter 06's checks: the solution passes, and each typical mistake is named (tdpo_lab.grading.ch06)."""
+"""Chapter 06's checks: the solution passes, and each typical mistake is named (tdpo_lab.course.grading.ch06)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import pytest
 import torch
 from toy import make_model, make_tokenizer
 
-from tdpo_lab.grading import ExerciseError
-from tdpo_lab.grading.ch06 import (
+from tdpo_lab.course.grading import ExerciseError
+from tdpo_lab.course.grading.ch06 import (
     check_gaussian_prior,
     check_hybrid_weights,
     check_saliency,
     check_triplet_loss,
 )
-from tdpo_lab.logprobs import TokenStats
+from tdpo_lab.core.logprobs import TokenStats
 from tdpo_lab.methods.tidpo_importance import gaussian_prior
 
 # --- graded exercise 1: gradient attribution -----------------------------------------------------------

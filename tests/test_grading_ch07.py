@@ -1,4 +1,4 @@
-"""Chapter 07's checks: the solution passes, and each typical mistake is named (tdpo_lab.grading.ch07)."""
+"""Chapter 07's checks: the solution passes, and each typical mistake is named (tdpo_lab.course.grading.ch07)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from toy import make_tokenizer
 
-from tdpo_lab.data import collate_preference_batch
-from tdpo_lab.grading import ExerciseError
-from tdpo_lab.grading.ch07 import check_align_weights, check_sink_fix, check_two_orders
+from tdpo_lab.core.data import collate_preference_batch
+from tdpo_lab.course.grading import ExerciseError
+from tdpo_lab.course.grading.ch07 import check_align_weights, check_sink_fix, check_two_orders
 from tdpo_lab.methods.attnpo_judge import fix_attention_sink
 
 # --- graded exercise 1: the attention-sink fix ---------------------------------------------------------

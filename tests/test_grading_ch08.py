@@ -1,4 +1,4 @@
-"""Chapter 08's checks: the solution passes, and each typical mistake is named (tdpo_lab.grading.ch08)."""
+"""Chapter 08's checks: the solution passes, and each typical mistake is named (tdpo_lab.course.grading.ch08)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from tdpo_lab.grading import ExerciseError
-from tdpo_lab.grading.ch08 import check_frontier, check_standard_error, check_verdict, frontier_value
+from tdpo_lab.course.grading import ExerciseError
+from tdpo_lab.course.grading.ch08 import check_frontier, check_standard_error, check_verdict, frontier_value
 
 # --- graded exercise 1: the standard error over seeds --------------------------------------------------
 

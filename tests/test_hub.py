@@ -1,11 +1,11 @@
-"""tdpo_lab.hub: the offline switches, the reachability probe, and from_pretrained's lookup order."""
+"""tdpo_lab.core.hub: the offline switches, the reachability probe, and from_pretrained's lookup order."""
 
 from __future__ import annotations
 
 import pytest
 
-from tdpo_lab import hub
-from tdpo_lab.hub import HubUnavailableError, from_pretrained_offline_first, hub_status
+from tdpo_lab.core import hub
+from tdpo_lab.core.hub import HubUnavailableError, from_pretrained_offline_first, hub_status
 
 
 def test_hub_status_offline_switch(monkeypatch):

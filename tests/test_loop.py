@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tdpo_lab.loop import TrainingLoop, batch_schedule
-from tdpo_lab.utils import read_jsonl
+from tdpo_lab.core.loop import TrainingLoop, batch_schedule
+from tdpo_lab.core.jsonl import read_jsonl
 
 
 def test_batch_schedule_is_a_function_of_seed_and_step_and_covers_each_epoch_once():
@@ -35,7 +35,7 @@ def make_loop(tmp_path, total=6):
         sched,
         total_steps=total,
         checkpoint_path=tmp_path / "ckpt.pt",
-        logs=[tmp_path / "log.jsonl", tmp_path / "eval.jsonl"],
+        log=[tmp_path / "log.jsonl", tmp_path / "eval.jsonl"],
         eval_every=3,
         checkpoint_every=2,
     )

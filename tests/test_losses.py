@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tdpo_lab.logprobs import TokenStats, token_stats
+from tdpo_lab.core.logprobs import TokenStats, token_stats
 from tdpo_lab.methods import LossOutput, get_method, left_align, method_names, preference_loss, triplet_loss
 
 METHODS = method_names()  # every registered method: a new built-in method needs its naive formula below

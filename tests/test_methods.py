@@ -17,7 +17,7 @@ from test_pipeline import TINY
 
 from tdpo_lab import methods
 from tdpo_lab.config import Config, ConfigError, load_config, result_fields
-from tdpo_lab.logprobs import TokenStats
+from tdpo_lab.core.logprobs import TokenStats
 from tdpo_lab.methods import Method, get_method, method_names, preference_loss, register, unregister
 
 matplotlib.use("Agg")
@@ -122,8 +122,8 @@ def hinge():
 @pytest.mark.slow
 def test_a_method_registered_outside_the_kit_trains_collects_and_plots(hinge, imdb_path, tmp_path):
     from tdpo_lab.cli import main
-    from tdpo_lab.results import collect, results_markdown
-    from tdpo_lab.train import train
+    from tdpo_lab.runs.results import collect, results_markdown
+    from tdpo_lab.runs.train import train
 
     cfg = load_config(
         "tiny", fast=True, method="hinge", data_path=str(imdb_path), cache_dir=str(tmp_path / "cache"), **TINY
@@ -146,8 +146,8 @@ def _triplet_setup(margin: float = 1.0):
 
     from toy import make_model, make_tokenizer
 
-    from tdpo_lab.data import collate_preference_batch
-    from tdpo_lab.logprobs import token_stats
+    from tdpo_lab.core.data import collate_preference_batch
+    from tdpo_lab.core.logprobs import token_stats
 
     tok = make_tokenizer()
     # float64, so that the two computations' rounding does not hide a real difference
@@ -178,9 +178,9 @@ def _triplet_setup(margin: float = 1.0):
 def _naive_triplet(policy, reference, tok, prompts, stats, cfg, anchors):
     """The triplet term as first written, on given anchor ids: full logits of both models, token_stats (exact
     KL and all), left_align; anchors with no visible text are left out."""
-    from tdpo_lab.data import collate_ids
-    from tdpo_lab.generation import encode_prompts
-    from tdpo_lab.logprobs import token_stats
+    from tdpo_lab.core.data import collate_ids
+    from tdpo_lab.core.generation import encode_prompts
+    from tdpo_lab.core.logprobs import token_stats
     from tdpo_lab.methods.tidpo import left_align, triplet_loss
 
     eos = tok.eos_token_id
@@ -210,7 +210,7 @@ def _loss_and_grads(fn, policy):
 
 
 def test_triplet_term_equals_a_naive_recomputation_on_the_same_anchors():
-    from tdpo_lab.generation import sample_ids_fast
+    from tdpo_lab.core.generation import sample_ids_fast
     from tdpo_lab.methods.tidpo import triplet_term
 
     tok, policy, reference, prompts, stats, cfg = _triplet_setup()
@@ -263,7 +263,7 @@ def test_triplet_term_skips_anchors_without_text_and_reports_them(monkeypatch):
     assert skipped == len(prompts) and float(loss) == 0.0
 
     # the training step reports them: triplet/skipped in the step's metrics
-    from tdpo_lab.train import compute_loss
+    from tdpo_lab.runs.train import compute_loss
 
     rows = pd.DataFrame(
         {"prompt": prompts, "chosen": ["was great"] * 4, "rejected": [" boring"] * 4, "pair_id": range(4)}

@@ -1,4 +1,4 @@
-"""tdpo_lab.models: the from-scratch GPT-2, save/load through from_pretrained, eager attention, dropout off."""
+"""tdpo_lab.core.models: the from-scratch GPT-2, save/load through from_pretrained, eager attention, dropout off."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tdpo_lab.config import load_config
-from tdpo_lab.hub import HubUnavailableError
-from tdpo_lab.models import ModelError, build_model, disable_dropout, load_model, small_gpt2_config
+from tdpo_lab.core.hub import HubUnavailableError
+from tdpo_lab.core.models import ModelError, build_model, disable_dropout, load_model, small_gpt2_config
 
 
 def _ids(vocab: int, shape=(2, 12), seed: int = 0) -> torch.Tensor:
@@ -204,7 +204,7 @@ def test_hub_download_bars_follow_the_environment():
     import huggingface_hub.utils as hub_utils
     from transformers.utils import logging as hf_logging
 
-    from tdpo_lab.models import configure_progress_bars
+    from tdpo_lab.core.models import configure_progress_bars
 
     if hub_constants.HF_HUB_DISABLE_PROGRESS_BARS is not None:
         pytest.skip("HF_HUB_DISABLE_PROGRESS_BARS was set when huggingface_hub was imported: it has priority")
@@ -227,7 +227,7 @@ def test_importing_models_leaves_hub_download_bars_on():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
-    code = "import tdpo_lab.models, huggingface_hub.utils as h; print(h.are_progress_bars_disabled())"
+    code = "import tdpo_lab.core.models, huggingface_hub.utils as h; print(h.are_progress_bars_disabled())"
     shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert shown.stdout.strip() == "False", shown.stderr
     env["TQDM_DISABLE"] = "1"

@@ -13,7 +13,7 @@ import nbformat
 import pytest
 
 import tdpo_lab
-from tdpo_lab.chapters import NOTEBOOKS
+from tdpo_lab.course.chapters import NOTEBOOKS
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 TRAINING_PARAMETERS = {

@@ -39,7 +39,7 @@ NOTEBOOK_STACK = {
     "tornado",
 }
 # Modules the kit imports that only a particular platform provides (and imports only there).
-PLATFORM_MODULES = {"google": "google.colab, on Colab only (tdpo_lab/colab.py)"}
+PLATFORM_MODULES = {"google": "google.colab, on Colab only (tdpo_lab/course/colab.py)"}
 
 
 def normalise(requirement: str) -> str:
@@ -244,7 +244,7 @@ def test_the_kit_works_without_the_notebook_tooling():
         for info in pkgutil.walk_packages(tdpo_lab.__path__, "tdpo_lab."):
             importlib.import_module(info.name)
         from pathlib import Path
-        from tdpo_lab.chapters import NotebookToolsMissing, notebook_parameters, run_chapters
+        from tdpo_lab.course.chapters import NotebookToolsMissing, notebook_parameters, run_chapters
         for call in (lambda: notebook_parameters(Path("x.ipynb")), lambda: run_chapters(Path("."), [], Path("."), {{}}, 1)):
             try:
                 call()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tdpo_lab.config import ConfigError, load_config
-from tdpo_lab.pairs import (
+from tdpo_lab.products.pairs import (
     InvertedPairError,
     assert_no_inverted,
     build_pairs,
@@ -18,10 +18,10 @@ from tdpo_lab.pairs import (
     rank_pairs,
     split_pairs,
 )
-from tdpo_lab.rundir import RunConfigMismatch
-from tdpo_lab.sft import sft_history, train_sft
-from tdpo_lab.train import train
-from tdpo_lab.utils import read_jsonl
+from tdpo_lab.runs.rundir import RunConfigMismatch
+from tdpo_lab.products.sft import sft_history, train_sft
+from tdpo_lab.runs.train import train
+from tdpo_lab.core.jsonl import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def pipeline_cfg(imdb_path, tmp_path_factory):
 
 
 def _state(folder):
-    from tdpo_lab.models import load_model
+    from tdpo_lab.core.models import load_model
 
     return load_model(str(folder)).state_dict()
 

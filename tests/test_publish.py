@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import nbformat
 
-from tdpo_lab.publish import PROVENANCE_TAG, provenance, publish_chapter, scrub_paths
+from tdpo_lab.course.publish import PROVENANCE_TAG, provenance, publish_chapter, scrub_paths
 
 
 def executed_notebook(path, out_dir):
@@ -52,7 +52,7 @@ def test_scrub_replaces_the_longest_path_first():
 
 
 def test_chapter_seeds_come_from_the_executed_parameters(tmp_path):
-    from tdpo_lab.publish import chapter_seeds
+    from tdpo_lab.course.publish import chapter_seeds
 
     def executed(parameters):
         nb = nbformat.v4.new_notebook()

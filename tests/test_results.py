@@ -15,9 +15,9 @@ from matplotlib.colors import to_rgba  # noqa: E402
 
 from tdpo_lab.config import load_config  # noqa: E402
 from tdpo_lab.methods import method_color  # noqa: E402
-from tdpo_lab.plots import frontier_plot, metrics_plot, seqkl_plot  # noqa: E402
-from tdpo_lab.results import collect, results_markdown, summarise  # noqa: E402
-from tdpo_lab.rundir import RunDir  # noqa: E402
+from tdpo_lab.runs.plots import frontier_plot, metrics_plot, seqkl_plot  # noqa: E402
+from tdpo_lab.runs.results import collect, results_markdown, summarise  # noqa: E402
+from tdpo_lab.runs.rundir import RunDir  # noqa: E402
 
 STEPS = (0, 5, 10)
 # (method, beta, alpha, seeds): 2 seeds for dpo and tdpo2 alpha 0.5, 1 seed for tdpo2 alpha 0.2

@@ -1,4 +1,4 @@
-"""tdpo_lab.reward: the offline TF-IDF classifier (accuracy, cache) and hub-style pipelines (offline folder)."""
+"""tdpo_lab.products.reward: the offline TF-IDF classifier (accuracy, cache) and hub-style pipelines (offline folder)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from tdpo_lab import reward as reward_mod
+from tdpo_lab.products import reward as reward_mod
 from tdpo_lab.config import load_config
-from tdpo_lab.data import load_imdb
-from tdpo_lab.reward import (
+from tdpo_lab.core.data import load_imdb
+from tdpo_lab.products.reward import (
     ClassifierReward,
     PipelineReward,
     RewardError,
@@ -87,7 +87,7 @@ def _entries(cache) -> list:
 
 
 def test_reloaded_classifier_scores_exactly_like_the_trained_one(imdb_path, tmp_path):
-    from tdpo_lab.data import clean_text
+    from tdpo_lab.core.data import clean_text
 
     train, test = load_imdb("train", imdb_path).select(range(400)), load_imdb("test", imdb_path)
     trained, accuracy = reward_mod.train_classifier(train, test)
@@ -153,7 +153,7 @@ def test_get_reward_uses_the_config(imdb_path, reward_cache, classifier):
 
 
 def test_missing_data_is_a_data_error(tmp_path):
-    from tdpo_lab.data import DataError
+    from tdpo_lab.core.data import DataError
 
     with pytest.raises(DataError, match="does not exist"):
         load_reward("classifier", data_path=tmp_path / "absent", cache_dir=tmp_path)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tdpo_lab.config import load_config
-from tdpo_lab.rundir import RunConfigMismatch, RunDir, read_jsonl_tolerant, run_name, write_env
+from tdpo_lab.runs.rundir import RunConfigMismatch, RunDir, run_name, write_env
+from tdpo_lab.core.jsonl import read_jsonl_tolerant
 
 
 def test_env_json_and_rundir_open(tmp_path):
@@ -78,7 +79,7 @@ def test_paths_logs_and_finished(tmp_path, tiny_model, tiny_tokenizer):
     model = tiny_model()
     run.save_policy(model, tiny_tokenizer)
     assert run.is_finished and not run.checkpoint_dir.exists()  # the finished policy replaces the checkpoint
-    card = (run.policy_dir / "README.md").read_text()  # tdpo_lab.export's card, metrics from eval.jsonl
+    card = (run.policy_dir / "README.md").read_text()  # tdpo_lab.core.export's card, metrics from eval.jsonl
     assert "| reward | 0.5 | 0.625 |" in card and "pi_ref (step 0)" in card and "policy (step 6)" in card
     assert (run.policy_dir / "generation_config.json").is_file()
     assert "alpha0.5" in run.path.name  # tdpo2 reads alpha, so its run name carries it

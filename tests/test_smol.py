@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdpo_lab import smol
+from tdpo_lab.core import smol
 from tdpo_lab.config import load_config
-from tdpo_lab.models import ModelError, load_model
-from tdpo_lab.smol import SMOL_INSTALL, SMOL_MODEL, GGUFError, resolve_gguf
-from tdpo_lab.tokenizer import TokenizerError, load_tokenizer
+from tdpo_lab.core.models import ModelError, load_model
+from tdpo_lab.core.smol import SMOL_INSTALL, SMOL_MODEL, GGUFError, resolve_gguf
+from tdpo_lab.products.tokenizer import TokenizerError, load_tokenizer
 
 torch.set_num_threads(1)
 
@@ -84,7 +84,7 @@ def test_judge_key_changes_with_either_template():
     import dataclasses
 
     from tdpo_lab.methods.attnpo_judge import CHAT_JUDGE_TEMPLATE, JUDGE_TEMPLATE, SINK_MIN_LENGTH
-    from tdpo_lab.pipeline import STAGES
+    from tdpo_lab.cache.plan import STAGES
 
     stage = STAGES["judge"]
     assert stage.extra == (JUDGE_TEMPLATE, CHAT_JUDGE_TEMPLATE, SINK_MIN_LENGTH)
@@ -120,15 +120,15 @@ def smol_cfg(imdb_path):
 @pytest.fixture(scope="module")
 def smol_judge(smol_cfg):
     """pi_ref of the smol profile (eager attention) and its tokenizer, via the SFT stage (0 steps)."""
-    from tdpo_lab.sft import load_reference
+    from tdpo_lab.products.sft import load_reference
 
     return load_reference(smol_cfg, attn_implementation="eager", progress=False)
 
 
 @pytest.mark.slow
 def test_gguf_loads_offline_through_the_profile(smol_cfg, smol_judge):
-    from tdpo_lab.sft import sft_history
-    from tdpo_lab.tokenizer import get_tokenizer
+    from tdpo_lab.products.sft import sft_history
+    from tdpo_lab.products.tokenizer import get_tokenizer
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: no hub
     tokenizer = get_tokenizer(smol_cfg)  # from the GGUF file
@@ -152,9 +152,9 @@ def test_gguf_loads_offline_through_the_profile(smol_cfg, smol_judge):
 @pytest.mark.slow
 def test_zero_sft_steps_keep_the_model_as_built(imdb_path):
     """sft_steps=0 means "use the model as is": the SFT stage saves it unchanged (tiny profile: cheap)."""
-    from tdpo_lab.models import build_model
-    from tdpo_lab.sft import sft_history, train_sft
-    from tdpo_lab.tokenizer import get_tokenizer
+    from tdpo_lab.core.models import build_model
+    from tdpo_lab.products.sft import sft_history, train_sft
+    from tdpo_lab.products.tokenizer import get_tokenizer
 
     cfg = load_config("tiny", fast=True, sft_steps=0, data_path=str(imdb_path))
     saved = load_model(train_sft(cfg, progress=False)).state_dict()
@@ -232,8 +232,8 @@ def test_chat_judge_locates_responses_exactly(smol_judge):
 def test_fast_attnpo_run_writes_evaluations(smol_cfg, smol_judge, tmp_path):
     from tdpo_lab.methods.attnpo import attnpo_weights
     from tdpo_lab.methods.attnpo_judge import attention_weights
-    from tdpo_lab.pairs import build_pairs
-    from tdpo_lab.train import train
+    from tdpo_lab.products.pairs import build_pairs
+    from tdpo_lab.runs.train import train
 
     cfg = smol_cfg.replace(method="attnpo")
     started = time.perf_counter()

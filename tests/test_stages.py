@@ -11,18 +11,18 @@ import pandas as pd
 import pytest
 import torch
 
-from tdpo_lab import reward as reward_mod
-from tdpo_lab import stages
+from tdpo_lab.products import reward as reward_mod
+from tdpo_lab.cache import store as stages
 from tdpo_lab.config import load_config
 from tdpo_lab.methods.attnpo import attnpo_weights
-from tdpo_lab.pairs import build_pairs, samples_table, split_pairs
-from tdpo_lab.pipeline import STAGES, Plan, chapter_needs
-from tdpo_lab.reward import get_reward
-from tdpo_lab.sft import load_reference, sft_dir, sft_history, train_sft
-from tdpo_lab.stages import CacheError, CacheWarning, Entry, Stage, fetch
-from tdpo_lab.tokenizer import get_tokenizer
-from tdpo_lab.train import evaluation_prompts, reference_evaluation, train
-from tdpo_lab.utils import CheckpointError
+from tdpo_lab.products.pairs import build_pairs, samples_table, split_pairs
+from tdpo_lab.cache.plan import STAGES, Plan, chapter_needs
+from tdpo_lab.products.reward import get_reward
+from tdpo_lab.products.sft import load_reference, sft_dir, sft_history, train_sft
+from tdpo_lab.cache.store import CacheError, CacheWarning, Entry, Stage, fetch
+from tdpo_lab.products.tokenizer import get_tokenizer
+from tdpo_lab.runs.train import evaluation_prompts, reference_evaluation, train
+from tdpo_lab.core.utils import CheckpointError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tdpo_lab"
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from tdpo_lab.config import ConfigError, load_config
-from tdpo_lab.results import verdict
-from tdpo_lab.study import (
+from tdpo_lab.runs.results import verdict
+from tdpo_lab.runs.study import (
     FRONTIER_BETAS,
     compare_frontiers,
     dominance_verdict,

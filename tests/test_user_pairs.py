@@ -1,4 +1,4 @@
-"""Your own preference pairs (tdpo_lab.user_pairs): formats, every bad file's error, the held-out split,
+"""Your own preference pairs (tdpo_lab.products.user_pairs): formats, every bad file's error, the held-out split,
 the held-out preference accuracy, training on a file end to end, and exporting the kit's pairs."""
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import torch
 from cli_args import small_cli_args
 
 from tdpo_lab.config import ConfigError, load_config, result_fields
-from tdpo_lab.data import DataNotFoundError
-from tdpo_lab.evaluate import pair_seqkl
-from tdpo_lab.rundir import RunConfigMismatch, run_name
-from tdpo_lab.user_pairs import (
+from tdpo_lab.core.data import DataNotFoundError
+from tdpo_lab.core.evaluate import pair_seqkl
+from tdpo_lab.runs.rundir import RunConfigMismatch, run_name
+from tdpo_lab.products.user_pairs import (
     UserPairsError,
     UserPairsWarning,
     fit_to_context,
     load_user_pairs,
     split_user_pairs,
 )
-from tdpo_lab.utils import read_jsonl
+from tdpo_lab.core.jsonl import read_jsonl
 
 GOOD = ("a lovely film, I smiled all the way through.", "a dull film, I nearly left after an hour.")
 
@@ -213,7 +213,7 @@ def test_kit_run_names_do_not_change_and_yours_follow_the_file(tmp_path):
 
 
 def test_pairs_key_follows_content_split_and_reference(tmp_path, imdb_path):
-    from tdpo_lab.pipeline import Plan
+    from tdpo_lab.cache.plan import Plan
 
     rows = good_rows(6)
     path = write_jsonl(tmp_path / "p.jsonl", rows)
@@ -287,7 +287,7 @@ def test_pair_accuracy_identities(tiny_model, tiny_tokenizer):
     assert twice["pair_accuracy"] == out["pair_accuracy"]
     assert "pair_accuracy" not in pair_seqkl(policy, reference, tiny_tokenizer, pairs)  # the kit's runs
     # the margin is DPO's implicit reward: beta * (sum log-ratio chosen - sum log-ratio rejected), by hand
-    from tdpo_lab.data import collate_preference_batch
+    from tdpo_lab.core.data import collate_preference_batch
 
     batch = collate_preference_batch(
         tiny_tokenizer, list(pairs["prompt"]), list(pairs["chosen"]), list(pairs["rejected"])
@@ -367,7 +367,7 @@ def test_run_trains_tdpo2_on_a_pairs_file(small_args, tmp_path, capsys):
 @pytest.mark.slow
 def test_export_pairs_round_trip(small_args, tmp_path, capsys):
     from tdpo_lab.cli import main
-    from tdpo_lab.pairs import build_pairs
+    from tdpo_lab.products.pairs import build_pairs
 
     out = tmp_path / "exported"
     assert main(["export-pairs", *small_args, "--out", str(out)]) == 0

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode (no dropout) and restore each one's own flag afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        # Restore per module, not just model.train(flag): a caller may have frozen parts in eval mode.
-        for module, flag in modes:
-            module.training = flag
+from tdpo_lab.core.utils import eval_mode as eval_mode  # re-exported: the one eval_mode of the kit
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP wrapper (several training processes, tdpo_lab.distributed), else the model.
+    """The model inside a DDP wrapper (several training processes, tdpo_lab.core.distributed), else the model.
 
     A forward pass goes through the wrapper (that is how DDP knows to average the gradients); reading the
     model's parts (its embeddings, blocks, output layer) or sampling from it needs the model itself.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 

@@ -10,104 +10,90 @@ give DPO exactly. Derived in notebooks/07_attention_po.ipynb; docs/methods.md se
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tdpo_lab.methods.attnpo_judge import align_weights, attention_weights
-from tdpo_lab.methods.base import Method, PairTerms, StepContext
-from tdpo_lab.utils import atomic_path, progress_off
+from tdpo_lab.config import Knob
+from tdpo_lab.core.utils import progress_off
+from tdpo_lab.methods.attnpo_judge import JUDGE_KEY, align_weights, attention_weights
+from tdpo_lab.methods.base import Method, MethodInput, PairTerms, StepContext
 
 
-def attnpo_loss(terms: PairTerms, *, beta: float, alpha: float = 0.0) -> Tensor:
+def attnpo_loss(terms: PairTerms, *, beta: float, **_judge_knobs) -> Tensor:
     return -F.logsigmoid(beta * terms.margin)  # terms carry the judge weights: sum w r(y_w) - sum w r(y_l)
 
 
-JUDGE_FILE = "weights.safetensors"  # the AttentionPO judge-weights stage: tensors chosen.<i>, rejected.<i>
+def judge_weights(judge, tokenizer, pairs, knobs: dict, progress: bool = True) -> dict[str, Tensor]:
+    """AttentionPO weights of every pair of the table, read off ``judge`` (pi_ref, eager attention).
 
-
-def attnpo_weights(
-    cfg, pairs, *, progress: bool = True, plan=None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """AttentionPO weights of every pair of the cached pair table, computed once with pi_ref (cached).
-
-    Returns one ``(w_chosen, w_rejected)`` per row of ``build_pairs(cfg)``, indexed by ``pair_id``. Stored
-    as safetensors in the pipeline's ``judge`` stage; a damaged file is recomputed with a warning naming it.
+    Returns tensors ``chosen.<i>`` and ``rejected.<i>`` for row ``i`` (its ``pair_id``): the cached input
+    ``attnpo`` that the cache layer stores and :func:`judge_state` reads back.
     """
-    # the stage layer sits above the method registry (config reads the registry): imported on use
-    from tdpo_lab.pipeline import Plan
-    from tdpo_lab.sft import load_reference
-    from tdpo_lab.stages import fetch
-
-    plan = plan or Plan(cfg)
-
-    def build(folder: Path) -> None:
-        judge, tokenizer = load_reference(cfg, attn_implementation="eager", progress=progress, plan=plan)
-        tensors = {}
-        rows = pairs[["prompt", "chosen", "rejected"]].itertuples(index=False)
-        for i, (prompt, chosen, rejected) in enumerate(
-            tqdm(rows, total=len(pairs), desc="AttentionPO weights", disable=progress_off(progress))
-        ):
-            w_c, w_r = attention_weights(
-                judge,
-                tokenizer,
-                prompt,
-                chosen,
-                rejected,
-                layer=cfg.attn_layer,
-                fix_sink=cfg.attn_fix_sink,
-                layer_mean=cfg.attn_layer_mean,
-            )
-            # safetensors stores each tensor's own memory: no views into a larger attention tensor
-            tensors[f"chosen.{i}"] = w_c.detach().float().cpu().contiguous().clone()
-            tensors[f"rejected.{i}"] = w_r.detach().float().cpu().contiguous().clone()
-        with atomic_path(folder / JUDGE_FILE) as tmp:
-            save_file(tensors, str(tmp))
-
-    def read(folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        # from bytes, not load_file: its tensors would map the file, and a file damaged in place under a
-        # mapping kills the process with SIGBUS instead of raising
-        tensors = load_safetensors((folder / JUDGE_FILE).read_bytes())
-        if len(tensors) != 2 * len(pairs):
-            raise ValueError(f"{folder / JUDGE_FILE} holds {len(tensors) // 2} pairs, the table {len(pairs)}")
-        return [(tensors[f"chosen.{i}"], tensors[f"rejected.{i}"]) for i in range(len(pairs))]
-
-    return fetch(plan.entry("judge"), build, read, what="AttentionPO judge-weights cache")
+    tensors = {}
+    rows = pairs[["prompt", "chosen", "rejected"]].itertuples(index=False)
+    for i, (prompt, chosen, rejected) in enumerate(
+        tqdm(rows, total=len(pairs), desc="AttentionPO weights", disable=progress_off(progress))
+    ):
+        w_c, w_r = attention_weights(
+            judge,
+            tokenizer,
+            prompt,
+            chosen,
+            rejected,
+            layer=knobs["attn_layer"],
+            fix_sink=knobs["attn_fix_sink"],
+            layer_mean=knobs["attn_layer_mean"],
+        )
+        # safetensors stores each tensor's own memory: no views into a larger attention tensor
+        tensors[f"chosen.{i}"] = w_c.detach().float().cpu().contiguous().clone()
+        tensors[f"rejected.{i}"] = w_r.detach().float().cpu().contiguous().clone()
+    return tensors
 
 
-def judge_weights_for_run(cfg, pairs, progress: bool = True):
-    """Once per run: the judge weights of every pair of the pair table (a cached stage)."""
-    return attnpo_weights(cfg, pairs, progress=progress)
+def judge_state(cfg, pairs, inputs) -> list[tuple[Tensor, Tensor]]:
+    """Once per run: ``(w_chosen, w_rejected)`` of every pair of the table, indexed by ``pair_id``."""
+    tensors = inputs["attnpo"]
+    if len(tensors) != 2 * len(pairs):
+        raise ValueError(f"the judge weights hold {len(tensors) // 2} pairs, the pair table {len(pairs)}")
+    return [(tensors[f"chosen.{i}"], tensors[f"rejected.{i}"]) for i in range(len(pairs))]
 
 
 def cached_judge_weights(ctx: StepContext) -> tuple[Tensor, None]:
     """The batch's judge weights on the label grid ``[N, T-1]``, looked up by ``pair_id``."""
     if ctx.state is None:
-        raise ValueError(
-            "method 'attnpo' needs its judge weights (tdpo_lab.methods.attnpo.attnpo_weights) as state"
-        )
+        raise ValueError("method 'attnpo' needs its judge weights (the cached input 'attnpo') as state")
     chosen = [ctx.state[i][0] for i in ctx.rows["pair_id"]]
     rejected = [ctx.state[i][1] for i in ctx.rows["pair_id"]]
     return align_weights(ctx.batch, chosen, rejected).to(ctx.device), None
 
+
+JUDGE_KNOBS = (
+    Knob("attn_layer", int, -1, "the judge layer whose attention is read; -1 = the last"),
+    Knob("attn_layer_mean", bool, False, "average the attention over all layers instead of reading one"),
+    Knob("attn_fix_sink", bool, True, "spread the attention parked on the first token (the sink) uniformly"),
+)
 
 ATTNPO = Method(
     name="attnpo",
     label="AttentionPO",
     color="tab:purple",
     loss=attnpo_loss,
-    knobs={
-        "attn_layer": -1,  # judge layer; -1 = last
-        "attn_layer_mean": False,  # average attention over all layers instead of one
-        "attn_fix_sink": True,
-    },
+    knobs=JUDGE_KNOBS,
     token_weights="judge",
     paper="Huang et al., arXiv 2605.21883",
-    prepare=judge_weights_for_run,
+    # the judge weights: cached under <cache>/attnpo/<key>, keyed by the pair table, these knobs and both judge
+    # texts (plain, chat) with the sink threshold (a new template gives new weights)
+    inputs=(
+        MethodInput(
+            "attnpo",
+            compute=judge_weights,
+            knobs=tuple(k.name for k in JUDGE_KNOBS),
+            version=2,
+            extra=JUDGE_KEY,
+            model_kwargs={"attn_implementation": "eager"},
+        ),
+    ),
+    prepare=judge_state,
     step_weights=cached_judge_weights,
 )

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tdpo_lab.core.logprobs import IGNORE_INDEX
 from tdpo_lab.methods._common import abbrev, eval_mode, model_device
 from tdpo_lab.methods.attnpo_prompt import CHAT_JUDGE_TEMPLATE, JUDGE_TEMPLATE, judge_prompt, judge_text
 
@@ -119,7 +120,7 @@ def _last_token_attention(
     if not attentions or any(a is None for a in attentions):
         raise RuntimeError(
             "the judge model returned no attention weights: load it with attn_implementation='eager' "
-            "(tdpo_lab.models.load_model(name, attn_implementation='eager')); SDPA/flash attention do not "
+            "(tdpo_lab.core.models.load_model(name, attn_implementation='eager')); SDPA/flash attention do not "
             "return them."
         )
     n_layers = len(attentions)
@@ -320,7 +321,7 @@ def align_weights(batch: dict, chosen_weights: Sequence, rejected_weights: Seque
     written = torch.zeros(n_rows, n_pos, dtype=torch.bool)
     for i in range(n_rows):
         written[i, prompt_lengths[i] : prompt_lengths[i] + response_lengths[i]] = True
-    if not torch.equal(written[:, 1:], (labels[:, 1:] != -100).cpu()):
+    if not torch.equal(written[:, 1:], (labels[:, 1:] != IGNORE_INDEX).cpu()):
         raise ValueError(
             "prompt_lengths/response_lengths do not match the labels' response positions (labels != -100); "
             "pass the batch exactly as collate_preference_batch returns it."

@@ -6,7 +6,7 @@ come from, and its loss as a pure function of per-pair sums (:class:`PairTerms`)
 (``prepare``, ``step_weights``, ``extra_loss``) let a method add what the shared loop does not do, such as
 AttentionPO's cached judge weights or TI-DPO's live saliency and triplet term.
 
-:func:`preference_loss` turns per-token statistics (:func:`tdpo_lab.logprobs.token_stats`) into the
+:func:`preference_loss` turns per-token statistics (:func:`tdpo_lab.core.logprobs.token_stats`) into the
 :class:`PairTerms` of a batch, calls the method's loss and computes the metrics (TRL's names) every method
 shares. Rows ``[:N/2]`` of a batch are prompt+chosen (y_w), rows ``[N/2:]`` prompt+rejected (y_l). With
 r_t = log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t) (docs/methods.md section 1):
@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from tdpo_lab.logprobs import TokenStats
+from tdpo_lab.config import Knob, declare_method, forget_method
+from tdpo_lab.config import knobs as declared_knobs
+from tdpo_lab.core.logprobs import IGNORE_INDEX, TokenStats
 
 WEIGHT_SOURCES = ("none", "judge", "saliency")
 
@@ -65,7 +67,7 @@ class LossOutput(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class StepContext:
-    """What a training-loop hook sees at one step (see :mod:`tdpo_lab.train`)."""
+    """What a training-loop hook sees at one step (see :mod:`tdpo_lab.runs.train`)."""
 
     policy: Any
     reference: Any
@@ -80,19 +82,65 @@ class StepContext:
 
 
 @dataclasses.dataclass(frozen=True)
+class MethodInput:
+    """A product a method needs before training, computed once per pair table and cached.
+
+    ``compute(reference, tokenizer, pairs, knobs, progress) -> dict[str, Tensor]`` is a pure function of pi_ref
+    (loaded with ``model_kwargs``, e.g. eager attention to read attention maps), the pair table and the
+    method's knobs; the cache layer (:mod:`tdpo_lab.products.method_inputs`) runs it, stores the tensors as
+    safetensors under ``<cache>/<name>/<key>`` and hands them back. The key covers the pair table, the values of
+    ``knobs``, ``version`` and ``extra`` (constants of the code, such as a prompt template).
+    """
+
+    name: str
+    compute: Callable[..., dict]
+    knobs: tuple[str, ...] = ()
+    version: int = 1
+    extra: object = None
+    model_kwargs: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier() or self.name != self.name.lower():
+            raise ValueError(
+                f"an input name is a lower-case identifier (its cache folder), got {self.name!r}"
+            )
+        if not callable(self.compute):
+            raise TypeError(f"input {self.name!r}: compute must be callable")
+        object.__setattr__(self, "knobs", tuple(self.knobs))
+
+
+def _knob_declarations(knobs) -> dict[str, Knob]:
+    if isinstance(knobs, Mapping):
+        items = [
+            k if isinstance(k, Knob) else Knob(name, bool if isinstance(k, bool) else type(k), k)
+            for name, k in knobs.items()
+        ]
+    else:
+        items = list(knobs)
+    if not all(isinstance(k, Knob) for k in items):
+        raise TypeError("knobs must be tdpo_lab.config.Knob declarations or a {name: default} mapping")
+    return {k.name: k for k in items}
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
     """A preference-optimisation method, declared in one place.
 
-    ``loss(terms, beta=..., alpha=...)`` returns the per-pair losses ``[B]`` from :class:`PairTerms`.
-    ``knobs``: config fields the method reads besides ``beta``, with their defaults (the Config's defaults
-    come from here); knobs of other methods never split this method's runs. ``needs_reference=False``: the
+    ``loss(terms, *, beta, **knobs)`` returns the per-pair losses ``[B]`` from :class:`PairTerms`; it is
+    called with ``beta`` and this method's own knobs only. ``knobs``: the config keys the method reads besides
+    ``beta``, as :class:`~tdpo_lab.config.Knob` declarations (name, type, default, valid range, help) or a
+    ``{name: default}`` mapping (type from the default). Registering the method makes them config keys
+    (``--set name=value``); knobs of other methods never split this method's runs. ``inputs``: cached products
+    the method needs before training (:class:`MethodInput`, e.g. AttentionPO's judge weights); the cache layer
+    computes, stores and hands them to ``prepare``. ``needs_reference=False``: the
     loop skips pi_ref's forward and scores the policy against itself (r_t = 0, SeqKL = 0), so such a loss
     reads ``terms.logps_chosen``/``logps_rejected`` (a SimPO-like method). ``uses_seq_kl``: the loss reads
     the SeqKL terms (the TDPO family; they also log the token-level reward). ``token_weights``: ``"none"``,
     ``"judge"`` (computed once per pair before training, ``prepare``) or ``"saliency"`` (recomputed every
     step, ``step_weights``). Hooks (all optional):
 
-    - ``prepare(cfg, pairs, progress) -> state``: once per run, before the first step;
+    - ``prepare(cfg, pairs, inputs) -> state``: once per run, before the first step; ``inputs`` maps each
+      declared :class:`MethodInput`'s name to what its ``compute`` returned (read back from the cache);
     - ``step_weights(ctx) -> (weights [N, T-1] or None, policy_logits or None)``: per step; a hook that runs
       the policy forward itself returns its logits so the loop does not run it twice;
     - ``extra_loss(ctx, stats) -> (tensor, metrics)``: added to the loss (TI-DPO's triplet term).
@@ -102,7 +150,7 @@ class Method:
     label: str
     color: str
     loss: Callable[..., Tensor]
-    knobs: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    knobs: Mapping[str, Knob] | Sequence[Knob] = dataclasses.field(default_factory=dict)
     needs_reference: bool = True
     uses_seq_kl: bool = False
     token_weights: str = "none"
@@ -110,8 +158,11 @@ class Method:
     prepare: Callable | None = None
     step_weights: Callable | None = None
     extra_loss: Callable | None = None
+    inputs: tuple[MethodInput, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "knobs", _knob_declarations(self.knobs))
+        object.__setattr__(self, "inputs", tuple(self.inputs))
         if not isinstance(self.name, str) or not self.name.isidentifier() or self.name != self.name.lower():
             raise ValueError(f"a method name is a lower-case identifier such as 'ipo', got {self.name!r}")
         if self.token_weights not in WEIGHT_SOURCES:
@@ -120,6 +171,21 @@ class Method:
             raise TypeError(f"method {self.name!r}: loss must be callable, got {type(self.loss).__name__}")
         if "beta" in self.knobs:
             raise ValueError(f"method {self.name!r}: beta is every method's knob; do not list it in knobs")
+        for item in self.inputs:
+            if not isinstance(item, MethodInput):
+                raise TypeError(
+                    f"method {self.name!r}: inputs must be MethodInput, got {type(item).__name__}"
+                )
+            unknown = [f for f in item.knobs if f not in self.knobs]
+            if unknown:
+                raise ValueError(
+                    f"method {self.name!r}: input {item.name!r} keys on undeclared knob(s) {unknown}"
+                )
+
+    def knob_values(self, values) -> dict[str, object]:
+        """This method's knobs read from ``values`` (a Config or a mapping), defaults for the missing ones."""
+        get = values.get if isinstance(values, Mapping) else lambda k, d: getattr(values, k, d)
+        return {name: get(name, knob.default) for name, knob in self.knobs.items()}
 
     @property
     def weighted(self) -> bool:
@@ -133,21 +199,18 @@ _REGISTRY: dict[str, Method] = {}
 def register(method: Method, *, replace: bool = False) -> Method:
     """Add ``method`` to the registry (config validation, the CLI, run names, tables and figures read it).
 
-    A knob shared with a registered method must have the same default (one Config field, one default).
-    Registering a name twice is an error unless ``replace=True``. Returns the method.
+    Its knobs become config keys (:func:`tdpo_lab.config.declare_method`); a knob shared with a registered
+    method must have the same type and default (one key, one default). Registering a name twice is an error
+    unless ``replace=True``. Returns the method.
     """
     if not isinstance(method, Method):
         raise TypeError(f"register() takes a tdpo_lab.methods.Method, got {type(method).__name__}")
     if method.name in _REGISTRY and not replace:
         raise ValueError(f"method {method.name!r} is registered already; pass replace=True to redefine it")
-    for knob, default in method.knobs.items():
-        for other in _REGISTRY.values():
-            if other.name != method.name and knob in other.knobs and other.knobs[knob] != default:
-                raise ValueError(
-                    f"method {method.name!r} declares knob {knob!r} = {default!r}, but {other.name!r} "
-                    f"declares it = {other.knobs[knob]!r}; a knob has one default"
-                )
-    _check_knobs_are_config_fields(method)
+    try:
+        declare_method(method.name, method.knobs.values())
+    except ValueError as err:  # ConfigError: a clash with a field or with another method's default
+        raise ValueError(str(err)) from None
     _REGISTRY[method.name] = method
     return method
 
@@ -155,6 +218,7 @@ def register(method: Method, *, replace: bool = False) -> Method:
 def unregister(name: str) -> None:
     """Remove a method (tests that register one of their own clean up with this)."""
     _REGISTRY.pop(name, None)
+    forget_method(name)
 
 
 def get_method(name: str) -> Method:
@@ -187,41 +251,14 @@ def method_color(name) -> str:
 
 
 def knob_default(knob: str) -> object:
-    """The default of a method knob, as the registered methods declare it (Config reads its defaults here)."""
-    for method in _REGISTRY.values():
-        if knob in method.knobs:
-            return method.knobs[knob]
-    raise KeyError(f"no registered method declares the knob {knob!r}")
-
-
-def knob_methods() -> dict[str, tuple[str, ...]]:
-    """Each method knob and the methods that read it: a knob splits the runs of those methods only."""
-    out: dict[str, tuple[str, ...]] = {}
-    for method in _REGISTRY.values():
-        for knob in method.knobs:
-            out[knob] = (*out.get(knob, ()), method.name)
-    return out
+    """The default of a method knob, as the registered methods declare it."""
+    if knob not in declared_knobs():
+        raise KeyError(f"no registered method declares the knob {knob!r}")
+    return declared_knobs()[knob].default
 
 
 def reads_knob(method: str, knob: str) -> bool:
     return method in _REGISTRY and knob in _REGISTRY[method].knobs
-
-
-def _check_knobs_are_config_fields(method: Method) -> None:
-    # The built-in methods register while tdpo_lab.config is being imported (it reads their defaults), so
-    # the Config class may not exist yet; config.py checks those itself once it does.
-    import sys
-
-    config = sys.modules.get("tdpo_lab.config")
-    fields = getattr(config, "_FIELDS", None)
-    if fields is None:
-        return
-    unknown = [k for k in method.knobs if k not in fields]
-    if unknown:
-        raise ValueError(
-            f"method {method.name!r} declares knob(s) {unknown} that are not config fields; a method reads "
-            "existing fields of tdpo_lab.config.Config (add a field there for a new knob)"
-        )
 
 
 # --- the shared loss ----------------------------------------------------------------------------------------
@@ -273,21 +310,37 @@ def _masked_weights(method: Method, weights, mask: Tensor, ratio: Tensor, b: int
     return w
 
 
+def _own_knobs(method: Method, given: Mapping[str, object]) -> dict[str, object]:
+    unknown = sorted(set(given) - set(declared_knobs()))
+    if unknown:
+        raise ValueError(
+            f"unknown knob(s) {unknown} for preference_loss; registered knobs: {sorted(declared_knobs())}"
+        )
+    own = method.knob_values(given)
+    for name, value in own.items():
+        knob = method.knobs[name]
+        if knob.type is float:
+            _check_scalar(name, value, positive=False)
+        if knob.check is not None and not knob.check(value):
+            raise ValueError(f"{name} must be {knob.valid}, got {value!r}")
+    return own
+
+
 def preference_loss(
     method: str | Method,
     stats: TokenStats,
     *,
     beta: float = 0.1,
-    alpha: float = 0.5,
     weights: Tensor | None = None,
+    **knobs,
 ) -> LossOutput:
     """Per-pair loss of a registered method, with the metrics every method logs.
 
     ``stats``: :class:`TokenStats`, fields ``[N, T-1]``, N = 2B (rows ``[:B]`` chosen, ``[B:]`` rejected).
     ``weights``: ``[N, T-1]`` token weights aligned with ``stats`` (detached; only masked positions are
     used), required for weighted methods (``token_weights != "none"``) and an error for the others.
-    ``beta`` > 0; ``alpha`` >= 0 is passed to the method's loss (only the methods with an ``alpha`` knob
-    read it). All-ones weights give exactly the unweighted loss; at pi_theta = pi_ref the sigmoid losses are
+    ``beta`` > 0; ``knobs``: values of the method's own knobs (e.g. ``alpha=0.5`` for TDPO2), defaults for the
+    missing ones; knobs only other methods declare are ignored, so one call fits every method. All-ones weights give exactly the unweighted loss; at pi_theta = pi_ref the sigmoid losses are
     ln 2.
 
     Metrics (python floats, means over pairs): ``loss``; ``rewards/chosen|rejected`` = beta * (weighted) sum
@@ -299,7 +352,7 @@ def preference_loss(
     method = method if isinstance(method, Method) else get_method(method)
     b, width = _check_stats(stats)
     _check_scalar("beta", beta, positive=True)
-    _check_scalar("alpha", alpha, positive=False)
+    own = _own_knobs(method, knobs)
     mask = stats.mask.bool()
     zero = torch.zeros((), dtype=stats.logps.dtype, device=stats.logps.device)
     # r_t on response positions only (where() rather than a product: 0 * inf would be NaN at masked slots)
@@ -312,7 +365,7 @@ def preference_loss(
     terms = PairTerms(
         ratio_sum[:b], ratio_sum[b:], seq_kl[:b], seq_kl[b:], lengths[:b], lengths[b:], logps[:b], logps[b:]
     )
-    losses = method.loss(terms, beta=beta, alpha=alpha)
+    losses = method.loss(terms, beta=beta, **own)
     if not isinstance(losses, Tensor) or tuple(losses.shape) != (b,):
         raise ValueError(f"method {method.name!r}: loss must return per-pair losses of shape ({b},)")
     loss = losses.mean()
@@ -336,7 +389,7 @@ def logit_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
             f"{tuple(labels.shape)}"
         )
     b, vocab = logits.shape[0] // 2, logits.shape[-1]
-    mask = labels[:, 1:] != -100
+    mask = labels[:, 1:] != IGNORE_INDEX
     sums = logits[:, :-1].sum(-1, dtype=torch.float32)  # [N, T-1]: each position's logits summed over V
     zero = torch.zeros((), dtype=sums.dtype, device=sums.device)
     per_row = torch.where(mask, sums, zero).sum(-1)

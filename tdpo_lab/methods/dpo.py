@@ -13,7 +13,7 @@ from torch import Tensor
 from tdpo_lab.methods.base import Method, PairTerms
 
 
-def dpo_loss(terms: PairTerms, *, beta: float, alpha: float = 0.0) -> Tensor:
+def dpo_loss(terms: PairTerms, *, beta: float) -> Tensor:
     return -F.logsigmoid(beta * terms.margin)  # DPO Eq. 7
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from tdpo_lab.methods.base import Method, PairTerms
 
 
-def ipo_loss(terms: PairTerms, *, beta: float, alpha: float = 0.0) -> Tensor:
+def ipo_loss(terms: PairTerms, *, beta: float) -> Tensor:
     return (terms.margin - 1.0 / (2.0 * beta)) ** 2  # IPO Eq. 17, tau = beta
 
 

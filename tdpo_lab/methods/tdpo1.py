@@ -14,7 +14,7 @@ from torch import Tensor
 from tdpo_lab.methods.base import Method, PairTerms
 
 
-def tdpo1_loss(terms: PairTerms, *, beta: float, alpha: float = 0.0) -> Tensor:
+def tdpo1_loss(terms: PairTerms, *, beta: float) -> Tensor:
     # TDPO Eq. 18: -log sigma(u - delta), delta = beta (SeqKL_l - SeqKL_w)
     return -F.logsigmoid(beta * (terms.margin - (terms.kl_rejected - terms.kl_chosen)))
 

@@ -11,7 +11,17 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from tdpo_lab.config import Knob
 from tdpo_lab.methods.base import Method, PairTerms
+
+ALPHA = Knob(
+    "alpha",
+    float,
+    0.5,
+    help="weight of the SeqKL gap relative to the margin (TDPO paper default 0.5)",
+    check=lambda v: v >= 0,
+    valid=">= 0",
+)
 
 
 def tdpo2_logit(terms: PairTerms, alpha: float) -> Tensor:
@@ -28,7 +38,7 @@ TDPO2 = Method(
     label="TDPO2",
     color="tab:green",
     loss=tdpo2_loss,
-    knobs={"alpha": 0.5},  # TDPO's KL weight (paper default 0.5)
+    knobs=(ALPHA,),
     uses_seq_kl=True,
     paper="Zeng et al. 2024, arXiv 2404.11999",
 )

@@ -19,17 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tdpo_lab.data import IGNORE_INDEX, collate_ids
-from tdpo_lab.generation import decode_response, encode_prompts, sample_ids_fast
-from tdpo_lab.kv_steps import GPT2Steps
-from tdpo_lab.logprobs import TokenStats
+from tdpo_lab.config import Knob
+from tdpo_lab.core.data import collate_ids
+from tdpo_lab.core.generation import decode_response, encode_prompts, sample_ids_fast
+from tdpo_lab.core.kv_steps import GPT2Steps
+from tdpo_lab.core.logprobs import IGNORE_INDEX, TokenStats
 from tdpo_lab.methods._common import unwrap
 from tdpo_lab.methods.base import Method, PairTerms, StepContext
-from tdpo_lab.methods.tdpo2 import tdpo2_logit
+from tdpo_lab.methods.tdpo2 import ALPHA, tdpo2_logit
 from tdpo_lab.methods.tidpo_importance import hybrid_weights, saliency_from_graph, saliency_from_last_block
 
 
-def tidpo_loss(terms: PairTerms, *, beta: float, alpha: float) -> Tensor:
+def tidpo_loss(terms: PairTerms, *, beta: float, alpha: float, **_step_knobs) -> Tensor:
     # the weighted margin (terms.chosen/rejected carry W_t) inside TDPO2's logit, Eq. 20 with Eq. 12's weights
     return -F.logsigmoid(beta * tdpo2_logit(terms, alpha))
 
@@ -68,7 +69,7 @@ def saliency_weights(ctx: StepContext) -> tuple[Tensor, Tensor]:
         saliency = saliency_from_graph(
             out.hidden_states[-1], embeds, attention_mask, retain_graph=True, head=head
         )
-    span = ctx.labels != -100 if ctx.cfg.importance_span == "response" else attention_mask.bool()
+    span = ctx.labels != IGNORE_INDEX if ctx.cfg.importance_span == "response" else attention_mask.bool()
     weights = hybrid_weights(saliency, span, lam=ctx.cfg.lam, sigma_div=ctx.cfg.sigma_div)
     return weights[:, 1:], out.logits  # the weight of token t sits at shifted-label position t - 1
 
@@ -171,11 +172,11 @@ def triplet_term(
     its EOS, e.g. EOS as its first token).
 
     The anchor is scored on the very tokens the policy drew: each row is the prompt's ids as the sampler
-    saw them (:func:`tdpo_lab.generation.encode_prompts`), the drawn tokens before the first EOS, then EOS
+    saw them (:func:`tdpo_lab.core.generation.encode_prompts`), the drawn tokens before the first EOS, then EOS
     (appended, as for every response in the kit, when the anchor ran to ``anchor_max_new_tokens``). Decoding
     the draw and tokenising the text again would not always give these ids back. Its features are
     ``log pi_theta - log pi_ref`` of those tokens (:func:`response_logratios`); the exact KL that
-    :func:`tdpo_lab.logprobs.token_stats` adds is not needed here.
+    :func:`tdpo_lab.core.logprobs.token_stats` adds is not needed here.
     """
     eos = tokenizer.eos_token_id
     # The KV-cache sampler, not generate: the same law, a fraction of the per-token overhead, and the anchor
@@ -214,8 +215,8 @@ def response_logratios(policy, reference, batch: dict, device) -> tuple[Tensor, 
     """log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t) of each row's response tokens, left-aligned: ``[N, L]``, mask.
 
     ``batch``: right-padded ``input_ids``, ``attention_mask``, ``labels`` ``[N, T]`` (-100 off the response,
-    :func:`tdpo_lab.data.collate_ids`). The features :func:`triplet_loss` takes: equal to :func:`left_align`
-    of :func:`tdpo_lab.logprobs.token_stats`' ``log_ratio`` and mask on the same batch, without the KL over the
+    :func:`tdpo_lab.core.data.collate_ids`). The features :func:`triplet_loss` takes: equal to :func:`left_align`
+    of :func:`tdpo_lab.core.logprobs.token_stats`' ``log_ratio`` and mask on the same batch, without the KL over the
     vocabulary, and the output layer runs only at the positions that predict a response token (not at the
     prompt, the last token or the padding). Gradient flows to the policy only.
     """
@@ -254,18 +255,34 @@ TIDPO = Method(
     label="TI-DPO",
     color="tab:red",
     loss=tidpo_loss,
-    knobs={
-        "alpha": 0.5,  # TDPO2's KL weight (the official code's TDPO2 term)
-        "gamma": 0.1,  # triplet weight (paper; shipped YAML 0.001)
-        "lam": 0.7,  # gradient/prior mix (paper; shipped config 0.2)
-        "sigma_div": 4.0,  # prior sigma = n / sigma_div (paper 4; config 8)
-        "triplet_margin": 0.001,
-        "importance_span": "response",  # "response" (kit) or "full" (official code)
-        "anchor_max_new_tokens": 32,
-        "anchor_temperature": 0.8,
-        "anchor_top_k": 50,
-        "anchor_top_p": 0.95,
-    },
+    knobs=(
+        ALPHA,  # the official code's TDPO2 term
+        Knob("gamma", float, 0.1, "triplet weight (paper; shipped YAML 0.001)", lambda v: v >= 0, ">= 0"),
+        Knob(
+            "lam",
+            float,
+            0.7,
+            "gradient/prior mix (paper; shipped config 0.2)",
+            lambda v: 0 <= v <= 1,
+            "in [0, 1]",
+        ),
+        Knob(
+            "sigma_div", float, 4.0, "prior sigma = n / sigma_div (paper 4; config 8)", lambda v: v > 0, "> 0"
+        ),
+        Knob("triplet_margin", float, 0.001, "the triplet loss's margin"),
+        Knob(
+            "importance_span",
+            str,
+            "response",
+            "tokens the importance is normalised over: 'response' (kit) or 'full' (official code)",
+            lambda v: v in ("response", "full"),
+            "'response' or 'full'",
+        ),
+        Knob("anchor_max_new_tokens", int, 32, "length of the sampled anchor", lambda v: v > 0, "> 0"),
+        Knob("anchor_temperature", float, 0.8, "the anchor's sampling temperature", lambda v: v > 0, "> 0"),
+        Knob("anchor_top_k", int, 50, "the anchor's top-k (0 = off)", lambda v: v >= 0, ">= 0"),
+        Knob("anchor_top_p", float, 0.95, "the anchor's top-p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ),
     uses_seq_kl=True,
     token_weights="saliency",
     paper="Yang et al., arXiv 2505.19653",

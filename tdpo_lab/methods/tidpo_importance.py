@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from tdpo_lab.kv_steps import gpt2_block_from_attention
+from tdpo_lab.core.kv_steps import gpt2_block_from_attention
 from tdpo_lab.methods._common import eval_mode
 
 __all__ = [
@@ -138,9 +138,9 @@ def saliency_from_last_block(
     ``inputs_embeds=embeds`` (``hidden_states[-2]``); ``qkv`` ``[N, T, 3d]``: that block's ``c_attn`` output in
     the same forward. The target reads the last block's output at one position per row, so the block's
     attention output, MLP and final layer norm are run again at those positions alone
-    (:func:`tdpo_lab.kv_steps.gpt2_block_from_attention`), and the gradient goes back through them and
+    (:func:`tdpo_lab.core.kv_steps.gpt2_block_from_attention`), and the gradient goes back through them and
     ``c_attn`` instead of through the block at every position: the same target and gradient, about a sixth
-    less of the attribution's cost on the tiny profile. For a model that :class:`tdpo_lab.kv_steps.GPT2Steps`
+    less of the attribution's cost on the tiny profile. For a model that :class:`tdpo_lab.core.kv_steps.GPT2Steps`
     applies to, without active dropout.
     """
     rows, _, d = block_input.shape
