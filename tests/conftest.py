@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import os
 
-# Before transformers/datasets/huggingface_hub are imported: they read these switches at import time.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TQDM_DISABLE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the Rust tokenizers
-
+# The environment (offline hub, no progress bars, the fast switch, the IMDb sample) is set by the root conftest.py,
+# which pytest loads before this one and before any Hugging Face library is imported.
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

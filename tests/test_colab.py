@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from tdpo_lab.course.colab import drive_cache, resolve_profile
 from tdpo_lab.config import ConfigError
+from tdpo_lab.course.colab import drive_cache, resolve_profile
 
 
 def test_default_profile_is_gpt2_with_a_gpu_and_tiny_without():

@@ -29,16 +29,16 @@ import pytest
 import torch
 from test_pipeline import TINY as PIPELINE_TINY
 
+from tdpo_lab.cache.plan import STAGES
+from tdpo_lab.cache.store import Stage
 from tdpo_lab.config import ConfigError, load_config
 from tdpo_lab.core.distributed import check_split, rank_rows
+from tdpo_lab.core.jsonl import read_jsonl
 from tdpo_lab.core.loop import TrainingLoop
 from tdpo_lab.core.models import load_model
-from tdpo_lab.cache.plan import STAGES
-from tdpo_lab.runs.rundir import RunDir, run_name
 from tdpo_lab.products.sft import sft_dir, train_sft
-from tdpo_lab.cache.store import Stage
+from tdpo_lab.runs.rundir import RunDir, run_name
 from tdpo_lab.runs.train import train
-from tdpo_lab.core.jsonl import read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")

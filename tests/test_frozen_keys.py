@@ -10,9 +10,9 @@ import json
 import math
 from pathlib import Path
 
+import frozen_keys
 import pytest
 
-import frozen_keys
 from tdpo_lab import load_config
 from tdpo_lab.core import read_jsonl
 from tdpo_lab.runs import train

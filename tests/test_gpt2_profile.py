@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tdpo_lab.course.chapters import NOTEBOOKS
 from tdpo_lab.config import load_config
+from tdpo_lab.core.jsonl import read_jsonl
+from tdpo_lab.course.chapters import NOTEBOOKS
+from tdpo_lab.course.standins import build_gpt2_stand_ins, is_stand_in, uses_stand_ins
 from tdpo_lab.methods import method_names
 from tdpo_lab.runs.rundir import RunDir
-from tdpo_lab.course.standins import build_gpt2_stand_ins, is_stand_in, uses_stand_ins
-from tdpo_lab.core.jsonl import read_jsonl
 
 pytestmark = pytest.mark.slow
 

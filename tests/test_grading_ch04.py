@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tdpo_lab.core.logprobs import token_stats
 from tdpo_lab.course.grading import ExerciseError
 from tdpo_lab.course.grading.ch04 import (
     check_dpo_loss,
@@ -13,7 +14,6 @@ from tdpo_lab.course.grading.ch04 import (
     check_ipo_loss,
     check_reward_accuracy,
 )
-from tdpo_lab.core.logprobs import token_stats
 
 B, T, V = 3, 8, 11  # pairs, sequence length, vocabulary
 BETA = 0.1

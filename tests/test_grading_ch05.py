@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tdpo_lab.core.logprobs import token_stats
 from tdpo_lab.course.grading import ExerciseError
 from tdpo_lab.course.grading.ch05 import (
     check_kl_per_position,
@@ -15,7 +16,6 @@ from tdpo_lab.course.grading.ch05 import (
     check_tdpo2_loss,
     check_token_reward,
 )
-from tdpo_lab.core.logprobs import token_stats
 
 B, T, V = 3, 8, 11  # pairs, sequence length, vocabulary
 BETA, ALPHA = 0.1, 0.5

@@ -6,6 +6,7 @@ import pytest
 import torch
 from toy import make_model, make_tokenizer
 
+from tdpo_lab.core.logprobs import TokenStats
 from tdpo_lab.course.grading import ExerciseError
 from tdpo_lab.course.grading.ch06 import (
     check_gaussian_prior,
@@ -13,7 +14,6 @@ from tdpo_lab.course.grading.ch06 import (
     check_saliency,
     check_triplet_loss,
 )
-from tdpo_lab.core.logprobs import TokenStats
 from tdpo_lab.methods.tidpo_importance import gaussian_prior
 
 # --- graded exercise 1: gradient attribution -----------------------------------------------------------

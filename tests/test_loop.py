@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tdpo_lab.core.loop import TrainingLoop, batch_schedule
 from tdpo_lab.core.jsonl import read_jsonl
+from tdpo_lab.core.loop import TrainingLoop, batch_schedule
 
 
 def test_batch_schedule_is_a_function_of_seed_and_step_and_covers_each_epoch_once():

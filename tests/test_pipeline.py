@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tdpo_lab.config import ConfigError, load_config
+from tdpo_lab.core.jsonl import read_jsonl
 from tdpo_lab.products.pairs import (
     InvertedPairError,
     assert_no_inverted,
@@ -18,10 +19,9 @@ from tdpo_lab.products.pairs import (
     rank_pairs,
     split_pairs,
 )
-from tdpo_lab.runs.rundir import RunConfigMismatch
 from tdpo_lab.products.sft import sft_history, train_sft
+from tdpo_lab.runs.rundir import RunConfigMismatch
 from tdpo_lab.runs.train import train
-from tdpo_lab.core.jsonl import read_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from tdpo_lab.products import reward as reward_mod
 from tdpo_lab.config import load_config
 from tdpo_lab.core.data import load_imdb
+from tdpo_lab.products import reward as reward_mod
 from tdpo_lab.products.reward import (
     ClassifierReward,
     PipelineReward,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tdpo_lab.config import load_config
-from tdpo_lab.runs.rundir import RunConfigMismatch, RunDir, run_name, write_env
 from tdpo_lab.core.jsonl import read_jsonl_tolerant
+from tdpo_lab.runs.rundir import RunConfigMismatch, RunDir, run_name, write_env
 
 
 def test_env_json_and_rundir_open(tmp_path):

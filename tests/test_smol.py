@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdpo_lab.core import smol
 from tdpo_lab.config import load_config
+from tdpo_lab.core import smol
 from tdpo_lab.core.models import ModelError, load_model
 from tdpo_lab.core.smol import SMOL_INSTALL, SMOL_MODEL, GGUFError, resolve_gguf
 from tdpo_lab.products.tokenizer import TokenizerError, load_tokenizer
@@ -83,10 +83,10 @@ def test_missing_gguf_reader_says_what_to_install(monkeypatch):
 def test_judge_key_changes_with_either_template():
     import dataclasses
 
+    from tdpo_lab.cache.plan import stage as plan_stage
     from tdpo_lab.methods.attnpo_judge import CHAT_JUDGE_TEMPLATE, JUDGE_TEMPLATE, SINK_MIN_LENGTH
-    from tdpo_lab.cache.plan import STAGES
 
-    stage = STAGES["judge"]
+    stage = plan_stage("attnpo")
     assert stage.extra == (JUDGE_TEMPLATE, CHAT_JUDGE_TEMPLATE, SINK_MIN_LENGTH)
     values = {"attn_layer": -1, "attn_layer_mean": False, "attn_fix_sink": True}
     upstream = {"pairs": "0" * 16}
@@ -230,8 +230,8 @@ def test_chat_judge_locates_responses_exactly(smol_judge):
 
 @pytest.mark.slow
 def test_fast_attnpo_run_writes_evaluations(smol_cfg, smol_judge, tmp_path):
-    from tdpo_lab.methods.attnpo import attnpo_weights
     from tdpo_lab.methods.attnpo_judge import attention_weights
+    from tdpo_lab.products.method_inputs import attnpo_weights
     from tdpo_lab.products.pairs import build_pairs
     from tdpo_lab.runs.train import train
 

@@ -11,18 +11,21 @@ import pandas as pd
 import pytest
 import torch
 
-from tdpo_lab.products import reward as reward_mod
 from tdpo_lab.cache import store as stages
+from tdpo_lab.cache.plan import STAGES, Plan
+from tdpo_lab.cache.store import CacheError, CacheWarning, Entry, Stage, fetch
 from tdpo_lab.config import load_config
-from tdpo_lab.methods.attnpo import attnpo_weights
+from tdpo_lab.core import data as data_mod
+from tdpo_lab.core.utils import CheckpointError
+from tdpo_lab.course.schedule import chapter_needs
+from tdpo_lab.products import reward as reward_mod
+from tdpo_lab.products.method_inputs import attnpo_weights
 from tdpo_lab.products.pairs import build_pairs, samples_table, split_pairs
-from tdpo_lab.cache.plan import STAGES, Plan, chapter_needs
+from tdpo_lab.products.pairs_source import evaluation_prompts
 from tdpo_lab.products.reward import get_reward
 from tdpo_lab.products.sft import load_reference, sft_dir, sft_history, train_sft
-from tdpo_lab.cache.store import CacheError, CacheWarning, Entry, Stage, fetch
 from tdpo_lab.products.tokenizer import get_tokenizer
-from tdpo_lab.runs.train import evaluation_prompts, reference_evaluation, train
-from tdpo_lab.core.utils import CheckpointError
+from tdpo_lab.runs.train import reference_evaluation, train
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tdpo_lab"
 
@@ -134,20 +137,21 @@ def _damage(path: Path, how: str) -> None:
 # --- the pipeline's keys -----------------------------------------------------------------------------
 def test_keys_travel_down_the_graph(imdb_path):
     cfg = load_config("tiny", fast=True, data_path=str(imdb_path))
-    base = {name: Plan(cfg).key(name) for name in STAGES}
+    names = [*STAGES, "attnpo"]  # the built-in stages and AttentionPO's declared input
+    base = {name: Plan(cfg).key(name) for name in names}
     downstream = {
-        "vocab_size": {"tokenizer", "sft", "pairs", "judge", "reference_eval"},
-        "sft_steps": {"sft", "pairs", "judge", "reference_eval"},
-        "max_new_tokens": {"pairs", "judge", "reference_eval"},
-        "attn_layer": {"judge"},
-        "eval_samples": {"reference_eval"},
+        "vocab_size": {"tokenizer", "sft", "pairs", "attnpo", "eval_ref"},
+        "sft_steps": {"sft", "pairs", "attnpo", "eval_ref"},
+        "max_new_tokens": {"pairs", "attnpo", "eval_ref"},
+        "attn_layer": {"attnpo"},
+        "eval_samples": {"eval_ref"},
         "beta": set(),  # a preference-training knob: no cached stage depends on it
     }
     for field, expected in downstream.items():
         value = getattr(cfg, field)
         changed = cfg.replace(**{field: value + 1 if isinstance(value, int) else value * 2})
-        keys = {name: Plan(changed).key(name) for name in STAGES}
-        assert {name for name in STAGES if keys[name] != base[name]} == expected, field
+        keys = {name: Plan(changed).key(name) for name in names}
+        assert {name for name in names if keys[name] != base[name]} == expected, field
 
 
 def test_chapter_needs_derives_the_reproduce_table():
@@ -170,12 +174,12 @@ def test_split_fingerprint_is_kept_until_the_file_changes(imdb_path, tmp_path, m
     for split in ("train", "test"):
         pd.read_parquet(imdb_path / f"{split}.parquet").iloc[:50].to_parquet(folder / f"{split}.parquet")
     calls = []
-    real = stages.dataset_fingerprint
+    real = data_mod.dataset_fingerprint
     monkeypatch.setattr(stages, "dataset_fingerprint", lambda ds: calls.append(1) or real(ds))
-    first = stages.split_fingerprint("train", folder)
-    assert stages.split_fingerprint("train", folder) == first and len(calls) == 1
+    first = data_mod.split_fingerprint("train", folder)
+    assert data_mod.split_fingerprint("train", folder) == first and len(calls) == 1
     pd.read_parquet(imdb_path / "train.parquet").iloc[:40].to_parquet(folder / "train.parquet")
-    assert stages.split_fingerprint("train", folder) != first and len(calls) == 2
+    assert data_mod.split_fingerprint("train", folder) != first and len(calls) == 2
 
 
 # --- no unpickling --------------------------------------------------------------------------------------
@@ -281,7 +285,7 @@ def _product(cfg, name):
     pairs = build_pairs(cfg, progress=False)
     if name == "pairs":
         return pairs, samples_table(cfg)
-    if name == "judge":
+    if name == "attnpo":
         return attnpo_weights(cfg, pairs, progress=False)
     reference, tokenizer = load_reference(cfg, progress=False)
     reward_mod._reward_for.cache_clear()
@@ -296,8 +300,8 @@ PRODUCTS = {  # stage -> the file damaged
     "reward": "classifier.npz",
     "sft": "model/model.safetensors",
     "pairs": "pairs.parquet",
-    "judge": "weights.safetensors",
-    "reference_eval": "reference_eval.json",
+    "attnpo": "weights.safetensors",
+    "eval_ref": "reference_eval.json",
 }
 
 
@@ -368,7 +372,7 @@ def test_what_cannot_be_rebuilt_here_is_a_kit_error_naming_the_file(built, tmp_p
 def test_a_cached_train_call_fingerprints_each_split_once(built, tmp_path, monkeypatch):
     cfg, _ = built
     results = []
-    real = stages.dataset_fingerprint
+    real = data_mod.dataset_fingerprint
 
     def counting(ds):
         results.append(real(ds))

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from tdpo_lab.products import tokenizer as tok_mod
 from tdpo_lab.config import load_config
+from tdpo_lab.products import tokenizer as tok_mod
 from tdpo_lab.products.tokenizer import (
     EOS,
     GPT2_MERGES_SHA256,

@@ -15,7 +15,7 @@ from cli_args import small_cli_args
 from tdpo_lab.config import ConfigError, load_config, result_fields
 from tdpo_lab.core.data import DataNotFoundError
 from tdpo_lab.core.evaluate import pair_seqkl
-from tdpo_lab.runs.rundir import RunConfigMismatch, run_name
+from tdpo_lab.core.jsonl import read_jsonl
 from tdpo_lab.products.user_pairs import (
     UserPairsError,
     UserPairsWarning,
@@ -23,7 +23,7 @@ from tdpo_lab.products.user_pairs import (
     load_user_pairs,
     split_user_pairs,
 )
-from tdpo_lab.core.jsonl import read_jsonl
+from tdpo_lab.runs.rundir import RunConfigMismatch, run_name
 
 GOOD = ("a lovely film, I smiled all the way through.", "a dull film, I nearly left after an hour.")
 

@@ -21,6 +21,14 @@ from importlib.metadata import entry_points
 
 from tdpo_lab.config import Knob, knob_methods
 from tdpo_lab.methods.attnpo import ATTNPO
+from tdpo_lab.methods.attnpo_judge import (
+    SINK_MIN_LENGTH,
+    align_weights,
+    attention_to_weights,
+    attention_weights,
+    fix_attention_sink,
+)
+from tdpo_lab.methods.attnpo_prompt import JUDGE_TEMPLATE, judge_text, uses_chat_template
 from tdpo_lab.methods.base import (
     LossOutput,
     Method,
@@ -43,7 +51,14 @@ from tdpo_lab.methods.dpo import DPO
 from tdpo_lab.methods.ipo import IPO
 from tdpo_lab.methods.tdpo1 import TDPO1
 from tdpo_lab.methods.tdpo2 import TDPO2
-from tdpo_lab.methods.tidpo import TIDPO, left_align, triplet_loss
+from tdpo_lab.methods.tidpo import TIDPO, left_align, triplet_loss, triplet_term
+from tdpo_lab.methods.tidpo_importance import (
+    gaussian_prior,
+    gradient_importance,
+    gradient_saliency,
+    hybrid_weights,
+    shift_to_labels,
+)
 
 ENTRY_POINT_GROUP = "tdpo_lab.methods"
 
@@ -75,6 +90,20 @@ _load_entry_points()
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "JUDGE_TEMPLATE",
+    "SINK_MIN_LENGTH",
+    "align_weights",
+    "attention_to_weights",
+    "attention_weights",
+    "fix_attention_sink",
+    "gaussian_prior",
+    "gradient_importance",
+    "gradient_saliency",
+    "hybrid_weights",
+    "judge_text",
+    "shift_to_labels",
+    "triplet_term",
+    "uses_chat_template",
     "Knob",
     "LossOutput",
     "Method",

@@ -1,0 +1,1 @@
+"""The kit's methods inside other libraries (TRL). Optional: nothing in the kit imports this package."""
