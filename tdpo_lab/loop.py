@@ -50,7 +50,8 @@ def batch_schedule(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
 class TrainingLoop:
     """One resumable loop of ``total_steps`` optimiser steps.
 
-    ``logs[0]`` gets one JSON line per step (``step``, the step's metrics, ``learning_rate`` (= ``lr``), ``grad_norm``,
+    ``logs[0]`` gets one JSON line per step (``step``, the step's metrics, ``learning_rate`` (= ``lr``, the rate
+    this step's update used), ``grad_norm``,
     ``seconds``, and whatever ``evaluate`` returned at that step); the other paths of ``logs`` are
     step-indexed logs the caller writes (evaluations) and that the loop clears on a fresh start and
     truncates on resume. A checkpoint is written every ``checkpoint_every`` steps and after every evaluation
@@ -195,6 +196,7 @@ class TrainingLoop:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         else:  # unscales fp16 gradients first
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        used = self.scheduler.get_last_lr()[0]  # the rate this update uses (scheduler.step moves to the next)
         self.optimizer.step()
         self.scheduler.step()
         step += 1
@@ -203,8 +205,8 @@ class TrainingLoop:
         record = {
             "step": step,
             **metrics,
-            "learning_rate": self.scheduler.get_last_lr()[0],  # TRL's name
-            "lr": self.scheduler.get_last_lr()[0],  # the kit's first name, kept: chapter 01 reads it
+            "learning_rate": used,  # TRL's name, and TRL's meaning: the rate of this step's update
+            "lr": used,  # the kit's first name, kept: chapter 01 reads it
             "grad_norm": float(grad_norm),
             "seconds": time.perf_counter() - started,
         }
