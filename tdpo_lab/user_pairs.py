@@ -8,8 +8,9 @@ that cannot teach a preference, counting each reason. The config key ``pairs`` m
 instead of the IMDb pairs; the tokenizer, pi_ref and the models still come from the profile, and a seeded
 share (``heldout_share``) of the prompts is held out for evaluation (:func:`split_user_pairs`).
 
-:func:`export_pairs` goes the other way: the kit's IMDb pair table as a ``datasets.Dataset`` in the same
-column names, for TRL or any other trainer.
+:func:`export_pairs` goes the other way: the kit's IMDb pair table as a ``datasets.DatasetDict`` (``train``
+and ``test`` splits) in the same column names, for TRL or any other trainer; a folder with both splits is read
+back with its ``test`` split as the held-out pairs (:func:`held_out_split`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+SPLIT_COLUMN = "_split"  # set by _read_dataset for a DatasetDict with 'train' and 'test' splits
 FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 VERSION = 1  # of the checks and the split below: part of the pairs key, so a change never reuses caches
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -67,7 +69,8 @@ class UserPairsWarning(UserWarning):
 
 @dataclasses.dataclass(frozen=True)
 class UserPairs:
-    """Checked pairs: ``table`` has ``pair_id, prompt_id, prompt, chosen, rejected`` (ids count from 0).
+    """Checked pairs: ``table`` has ``pair_id, prompt_id, prompt, chosen, rejected`` (ids count from 0), and
+    ``heldout`` (bool) when the source was a DatasetDict with ``train`` and ``test`` splits (``test`` = True).
 
     ``rows_read``: rows in the source; ``dropped``: rows dropped per reason; ``fingerprint``: sha256 of the
     kept texts, in order (the same pairs give the same fingerprint whatever the file format).
@@ -131,7 +134,8 @@ def _read_file(path: Path) -> dict[str, list]:
 
 
 def _read_dataset(source: str, folder: Path | None) -> dict[str, list]:
-    """A folder or hub name through the datasets library; a DatasetDict gives its 'train' split."""
+    """A folder or hub name through the datasets library; a DatasetDict gives its 'train' split, and with a
+    'test' split beside it both, marked in a ``_split`` column (the held-out pairs, what ``export-pairs`` writes)."""
     import datasets
 
     saved = ("dataset_info.json", "dataset_dict.json")  # what save_to_disk writes (Dataset, DatasetDict)
@@ -153,6 +157,11 @@ def _read_dataset(source: str, folder: Path | None) -> dict[str, list]:
                 f"{WHAT_TO_GIVE}"
             ) from exc
     if isinstance(ds, datasets.DatasetDict):
+        if {"train", "test"} <= set(ds):  # a given held-out split is honoured, not split again
+            columns = [c for c in ds["train"].column_names if c in ds["test"].column_names]
+            out = {name: list(ds["train"][name]) + list(ds["test"][name]) for name in columns}
+            out[SPLIT_COLUMN] = ["train"] * ds["train"].num_rows + ["test"] * ds["test"].num_rows
+            return out
         if "train" in ds:
             ds = ds["train"]
         elif len(ds) == 1:
@@ -299,7 +308,18 @@ def load_user_pairs(source: str | os.PathLike, *, strict: bool = False) -> UserP
     first_seen = {p: k for k, p in enumerate(dict.fromkeys(table["prompt"]))}
     table.insert(0, "prompt_id", table["prompt"].map(first_seen).astype(np.int64))
     table.insert(0, "pair_id", np.arange(len(table), dtype=np.int64))  # AttentionPO's weights are keyed by it
-    return UserPairs(table, source, n_rows, counts, fingerprint_pairs(table))
+    fingerprint = fingerprint_pairs(table)
+    if SPLIT_COLUMN in columns:
+        table["heldout"] = [columns[SPLIT_COLUMN][i] == "test" for i in keep]
+        # the split is part of what a run trains on: the same texts split otherwise are other pairs
+        flags = bytes(table["heldout"].astype(np.uint8).tolist())
+        fingerprint = hashlib.sha256(fingerprint.encode() + b"split" + flags).hexdigest()
+        if table["heldout"].all() or not table["heldout"].any():
+            raise UserPairsError(
+                f"the pairs {source!r}: after dropping rows, no pair is left in its "
+                f"{'train' if table['heldout'].all() else 'test'} split; both splits need pairs"
+            )
+    return UserPairs(table, source, n_rows, counts, fingerprint)
 
 
 _LOADED: dict[tuple, UserPairs] = {}
@@ -367,6 +387,15 @@ def split_user_pairs(table: pd.DataFrame, share: float, seed: int) -> tuple[pd.D
     heldout["_rank"] = heldout["prompt_id"].map(rank)
     heldout = heldout.sort_values(["_rank", "pair_id"], kind="stable").drop(columns="_rank")
     return table[~is_held].reset_index(drop=True), heldout.reset_index(drop=True)
+
+
+def held_out_split(table: pd.DataFrame, cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training pairs, held-out pairs): the source's own ``test`` split when it has one (a ``heldout``
+    column, in the source's order), else :func:`split_user_pairs` with ``heldout_share`` and ``data_seed``."""
+    if "heldout" not in table:
+        return split_user_pairs(table, cfg.heldout_share, cfg.data_seed)
+    held = table["heldout"].astype(bool)
+    return table[~held].reset_index(drop=True), table[held].reset_index(drop=True)
 
 
 def fit_to_context(table: pd.DataFrame, tokenizer, max_length: int, *, verbose: bool = True) -> pd.DataFrame:
@@ -446,17 +475,49 @@ def check_run_pairs(run_path: str | os.PathLike, cfg) -> None:
 
 
 # --- the kit's pairs, written out -----------------------------------------------------------------------
-def export_pairs(cfg, out: str | os.PathLike, *, push_to_hub: str | None = None, progress: bool = True):
-    """Write the kit's IMDb pairs of ``cfg`` (built, or read from the cache) as a ``datasets.Dataset``.
+def ends_inside_word(prompt: str, response: str) -> bool:
+    """True when ``prompt + response`` joins two letters or digits ("Go" + "ue came"): the prompt ends inside
+    a word. The kit tokenises prompt and response apart, TRL tokenises the joined text, so the two differ there."""
+    return bool(prompt) and bool(response) and prompt[-1].isalnum() and response[0].isalnum()
 
-    Columns: ``prompt``, ``chosen``, ``rejected`` (TRL's names) and the kit's ``prompt_id``, ``pair_id``,
-    ``reward_chosen``, ``reward_rejected`` and ``heldout`` (True for the pairs whose prompts training holds
-    out for the SeqKL curves). ``save_to_disk(out)``; then ``push_to_hub(push_to_hub)`` when a name is given
-    and the hub is reachable (else an error saying the folder is written and how to push it later).
-    Returns the dataset; ``load_user_pairs(out)`` reads it back.
+
+def boundary_count(table) -> int:
+    """How many pairs (rows with ``prompt``, ``chosen``, ``rejected``) have a response that continues its prompt
+    inside a word (:func:`ends_inside_word`, either response)."""
+    rows = zip(table["prompt"], table["chosen"], table["rejected"], strict=True)
+    return sum(ends_inside_word(p, c) or ends_inside_word(p, r) for p, c, r in rows)
+
+
+def pairs_dataset(table: pd.DataFrame, heldout):
+    """The pair table as a ``DatasetDict``: ``train`` = the rows with ``heldout`` False, ``test`` = the others.
+
+    Columns ``prompt``, ``chosen``, ``rejected`` first (TRL's names), then the table's other columns and
+    ``heldout``; so ``DPOTrainer(train_dataset=ds["train"], eval_dataset=ds["test"])`` never trains on a
+    held-out pair.
     """
     import datasets
 
+    table = table.assign(heldout=np.asarray(heldout, dtype=bool))
+    ordered = [*REQUIRED_COLUMNS, *(c for c in table.columns if c not in REQUIRED_COLUMNS)]
+    split = {
+        name: datasets.Dataset.from_pandas(
+            table.loc[table["heldout"] == held, ordered].reset_index(drop=True), preserve_index=False
+        )
+        for name, held in (("train", False), ("test", True))
+    }
+    return datasets.DatasetDict(split)
+
+
+def export_pairs(cfg, out: str | os.PathLike, *, push_to_hub: str | None = None, progress: bool = True):
+    """Write the kit's IMDb pairs of ``cfg`` (built, or read from the cache) as a ``datasets.DatasetDict``.
+
+    Splits: ``train`` (the pairs training uses) and ``test`` (every pair of the prompts training holds out for
+    the SeqKL curves). Columns: ``prompt``, ``chosen``, ``rejected`` (TRL's names) and the kit's ``prompt_id``,
+    ``pair_id`` (the row of the whole table), ``reward_chosen``, ``reward_rejected`` and ``heldout`` (True in
+    ``test``). ``save_to_disk(out)``; then ``push_to_hub(push_to_hub)`` when a name is given and the hub is
+    reachable (else an error saying the folder is written and how to push it later). Returns the DatasetDict;
+    ``load_user_pairs(out)`` (config key ``pairs``) reads it back, its ``test`` split as the held-out pairs.
+    """
     from tdpo_lab.pairs import build_pairs, split_pairs
 
     if cfg.pairs:
@@ -466,9 +527,7 @@ def export_pairs(cfg, out: str | os.PathLike, *, push_to_hub: str | None = None,
     table = build_pairs(cfg, progress=progress)
     trained, _ = split_pairs(table, cfg)
     table = table.assign(pair_id=np.arange(len(table), dtype=np.int64))
-    table["heldout"] = ~table["pair_id"].isin(set(trained["pair_id"]))
-    ordered = [*REQUIRED_COLUMNS, *(c for c in table.columns if c not in REQUIRED_COLUMNS)]
-    ds = datasets.Dataset.from_pandas(table[ordered], preserve_index=False)
+    ds = pairs_dataset(table, ~table["pair_id"].isin(set(trained["pair_id"])))
     ds.save_to_disk(str(out))
     if push_to_hub:
         reason = hub_status()
@@ -493,11 +552,12 @@ def training_inputs(cfg, tokenizer, *, progress: bool = True):
 
     data = user_pairs_for(cfg)
     pairs = fit_to_context(data.table, tokenizer, cfg.n_positions, verbose=progress)
-    train, heldout = split_user_pairs(pairs, cfg.heldout_share, cfg.data_seed)
+    train, heldout = held_out_split(pairs, cfg)
     if progress:
+        how = "its test split" if "heldout" in pairs else f"heldout_share={cfg.heldout_share:g}"
         print(
             f"pairs: {len(pairs)} from {cfg.pairs!r} ({data.rows_read - len(pairs)} rows dropped): "
-            f"{len(train)} to train on, {len(heldout)} held out (heldout_share={cfg.heldout_share:g}), "
+            f"{len(train)} to train on, {len(heldout)} held out ({how}), "
             f"{min(len(heldout), cfg.eval_pairs)} of them evaluated (eval_pairs={cfg.eval_pairs})"
         )
     heldout = heldout.head(cfg.eval_pairs).reset_index(drop=True)
