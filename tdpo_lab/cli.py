@@ -7,7 +7,7 @@
     tdpo-lab reproduce --profile tiny --out reproduce
     tdpo-lab collect runs/sweep
     tdpo-lab run --method tdpo2 --set pairs=my_pairs.jsonl          # your own preference data
-    tdpo-lab export-pairs --profile tiny --out pairs_tiny              # the kit's pairs as a datasets.Dataset
+    tdpo-lab export-pairs --profile tiny --out pairs_tiny              # the kit's pairs as a DatasetDict (train, test)
 
 Every stage that is cached already (tokenizer, SFT model, pairs, AttentionPO weights) is reused. The
 commands that execute notebooks (``reproduce``, ``sweep --notebook``) leave that to :mod:`tdpo_lab.course.chapters`.
@@ -246,13 +246,21 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_export_pairs(args: argparse.Namespace) -> int:
-    from tdpo_lab.products.user_pairs import export_pairs
+    from tdpo_lab.products.export_pairs import boundary_count, export_pairs
 
     cfg = build_config(args)
     ds = export_pairs(cfg, args.out, push_to_hub=args.push_to_hub, progress=not args.quiet)
     where = f" and pushed to the hub as {args.push_to_hub!r}" if args.push_to_hub else ""
+    train, test = ds["train"], ds["test"]
     print(
-        f"{len(ds)} pairs written to {args.out}{where}: datasets.load_from_disk({args.out!r}); columns {ds.column_names}"
+        f"{train.num_rows + test.num_rows} pairs written to {args.out}{where}: datasets.load_from_disk({args.out!r}) "
+        f"-> splits train ({train.num_rows}) and test ({test.num_rows}, held out); columns {train.column_names}"
+    )
+    inside = boundary_count(train)
+    print(
+        f"{inside} of {train.num_rows} training pairs ({100 * inside / max(train.num_rows, 1):.1f}%) have a prompt "
+        "that ends inside a word (no space before the response): TRL tokenises prompt + response as one text "
+        "and scores those differently from the kit (README, Coming from TRL)"
     )
     return 0
 
@@ -366,7 +374,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser(
-        "export-pairs", help="write the kit's preference pairs as a datasets.Dataset (TRL's column names)"
+        "export-pairs",
+        help="write the kit's preference pairs as a datasets.DatasetDict, train and test (TRL's column names)",
     )
     _common(p)
     p.add_argument("--out", required=True, help="folder for Dataset.save_to_disk")

@@ -70,3 +70,40 @@ def test_an_interrupted_loop_resumes_to_the_same_weights_and_log(tmp_path):
     log_b = [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(tmp_path / "b" / "log.jsonl")]
     assert log_a == log_b and [r["step"] for r in log_a] == list(range(7))
     assert [r["eval"] for r in log_a if "eval" in r] == [0.0, 3.0, 6.0]
+
+
+def test_the_logged_learning_rate_is_the_rate_the_steps_update_used(tmp_path):
+    # SGD moves w by -rate * grad, so the rate each update used is read off the weights themselves
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    warmup = 4
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))  # train.py's
+    loop = TrainingLoop(
+        model,
+        opt,
+        sched,
+        total_steps=5,
+        checkpoint_path=tmp_path / "ckpt.pt",
+        logs=[tmp_path / "log.jsonl"],
+        eval_every=100,
+        checkpoint_every=100,
+        max_grad_norm=1e9,  # no clipping: the update is exactly -rate * grad
+    )
+    data = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(1))
+    used = []
+
+    def step_fn(step, part):
+        before = model.weight.detach().clone()
+        loss = model(data[step]).pow(2).mean()
+        (grad,) = torch.autograd.grad(loss, model.weight, retain_graph=True)
+        used.append((before, grad))
+        return loss, {"loss": loss.item()}
+
+    assert loop.run(step_fn, progress=False)
+    after = [b for b, _ in used[1:]] + [model.weight.detach()]
+    rates = [float(((b - a) / g).mean()) for (b, g), a in zip(used, after, strict=True)]
+    logged = read_jsonl(tmp_path / "log.jsonl")
+    assert logged[0]["learning_rate"] == pytest.approx((0 + 1) / warmup * 0.1)  # step 1: 1/W of the target
+    for record, rate in zip(logged, rates, strict=True):
+        assert record["learning_rate"] == record["lr"] == pytest.approx(rate, rel=1e-5)

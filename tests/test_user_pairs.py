@@ -371,10 +371,14 @@ def test_export_pairs_round_trip(small_args, tmp_path, capsys):
 
     out = tmp_path / "exported"
     assert main(["export-pairs", *small_args, "--out", str(out)]) == 0
-    ds = datasets.load_from_disk(str(out))
+    assert "have a prompt that ends inside a word" in capsys.readouterr().out
+    dd = datasets.load_from_disk(str(out))
+    assert set(dd) == {"train", "test"}  # DPOTrainer(train_dataset=dd["train"], eval_dataset=dd["test"])
+    ds = datasets.concatenate_datasets([dd["train"], dd["test"]])
     assert ds.column_names[:3] == ["prompt", "chosen", "rejected"]  # TRL's names, first
     assert {"prompt_id", "pair_id", "reward_chosen", "reward_rejected", "heldout"} <= set(ds.column_names)
-    table = ds.to_pandas()
+    assert not any(dd["train"]["heldout"]) and all(dd["test"]["heldout"])
+    table = ds.to_pandas().sort_values("pair_id").reset_index(drop=True)
     assert len(table) > 0 and (table["reward_chosen"] > table["reward_rejected"]).all()
     assert 0 < table["heldout"].sum() < len(table)
     sets = dict(s.split("=", 1) for s in small_args[3::2])
@@ -382,17 +386,73 @@ def test_export_pairs_round_trip(small_args, tmp_path, capsys):
         load_config("tiny", fast=True, **{k: _value(v) for k, v in sets.items()}), progress=False
     )
     assert table["chosen"].tolist() == kit["chosen"].tolist()
-    # the exported folder is itself a valid pairs source
-    again = load_quietly(str(out)).table
-    assert again[["prompt", "chosen", "rejected"]].equals(table[["prompt", "chosen", "rejected"]])
+    # the exported folder is itself a valid pairs source, its test split the held-out pairs
+    again = load_quietly(str(out)).table.sort_values("heldout", kind="stable")
+    order = table.sort_values("heldout", kind="stable")
+    texts = ["prompt", "chosen", "rejected", "heldout"]
+    assert again[texts].reset_index(drop=True).equals(order[texts].reset_index(drop=True))
     # pushing offline: a clear error, and the folder is written all the same
     with pytest.raises(SystemExit):
         main(["export-pairs", *small_args, "--out", str(tmp_path / "e2"), "--push-to-hub", "me/pairs"])
     assert "cannot push to the hub" in capsys.readouterr().err
-    assert datasets.load_from_disk(str(tmp_path / "e2")).num_rows == len(table)
+    assert sum(datasets.load_from_disk(str(tmp_path / "e2")).num_rows.values()) == len(table)
 
 
 def _value(text: str):
     import yaml
 
     return yaml.safe_load(text)
+
+
+# --- train and test splits ------------------------------------------------------------------------------------
+def test_pairs_dataset_puts_every_held_out_pair_in_test_and_reads_back_without_splitting_again(tmp_path):
+    from tdpo_lab.products.export_pairs import pairs_dataset
+    from tdpo_lab.products.pairs_source import held_out_split
+
+    rows = pd.DataFrame(good_rows(10)).assign(pair_id=range(10), prompt_id=range(10))
+    held = [i % 4 == 1 for i in range(10)]  # rows 1, 5, 9: not what a seeded share would pick
+    dd = pairs_dataset(rows, held)
+    assert set(dd) == {"train", "test"} and (dd["train"].num_rows, dd["test"].num_rows) == (7, 3)
+    assert dd["test"]["pair_id"] == [1, 5, 9] and dd["train"].column_names[:3] == [
+        "prompt",
+        "chosen",
+        "rejected",
+    ]
+    dd.save_to_disk(str(tmp_path / "dd"))
+    pairs = load_quietly(str(tmp_path / "dd"))
+    cfg = load_config("tiny", fast=True, heldout_share=0.5)
+    train, heldout = held_out_split(pairs.table, cfg)
+    assert heldout["prompt"].tolist() == [rows["prompt"][i] for i in (1, 5, 9)]
+    assert set(train["prompt"]) == set(rows["prompt"]) - set(heldout["prompt"])
+    # the split is part of the pairs: the same texts split otherwise have another fingerprint
+    pairs_dataset(rows, [i % 4 == 2 for i in range(10)]).save_to_disk(str(tmp_path / "other"))
+    assert load_quietly(str(tmp_path / "other")).fingerprint != pairs.fingerprint
+    # a plain Dataset (no test split) keeps the seeded split and its old fingerprint
+    datasets.Dataset.from_pandas(rows[["prompt", "chosen", "rejected"]]).save_to_disk(str(tmp_path / "plain"))
+    plain = load_quietly(str(tmp_path / "plain"))
+    assert "heldout" not in plain.table and len(held_out_split(plain.table, cfg)[1]) == 5
+    assert plain.fingerprint == load_quietly(write_jsonl(tmp_path / "p.jsonl", good_rows(10))).fingerprint
+
+
+def test_boundary_count_counts_prompts_that_end_inside_a_word():
+    from tdpo_lab.products.export_pairs import boundary_count, ends_inside_word
+
+    assert ends_inside_word("Go", "ue came") and ends_inside_word("year 19", "99")
+    assert (
+        not ends_inside_word("Go ", "ue")
+        and not ends_inside_word("Go", " ue")
+        and not ends_inside_word("Go.", "x")
+    )
+    assert not ends_inside_word("", "x") and not ends_inside_word("x", "")
+    table = pd.DataFrame(
+        {
+            "prompt": ["The film", "The film", "The fil", "A"],
+            "chosen": [" was", " is", "m was", " b"],
+            "rejected": [" is", "s are", " is", "nd so"],
+        }
+    )
+    naive = sum(
+        any(p and r and p[-1].isalnum() and r[0].isalnum() for r in (c, j))
+        for p, c, j in table.itertuples(index=False)
+    )
+    assert boundary_count(table) == naive == 3

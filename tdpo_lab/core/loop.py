@@ -50,7 +50,7 @@ def batch_schedule(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
 class TrainingLoop:
     """One resumable loop of ``total_steps`` optimiser steps.
 
-    ``log`` gets one record per step (``step``, the step's metrics, ``learning_rate`` (= ``lr``), ``grad_norm``,
+    ``log`` gets one record per step (``step``, the step's metrics, ``learning_rate`` (= ``lr``, the rate this step's update used), ``grad_norm``,
     ``seconds``, and whatever ``evaluate`` returned at that step) through its ``append``; the loop calls its
     ``clear()`` on a fresh start and ``truncate(step)`` on resume, so logs the caller writes beside it
     (evaluations) stay in step. A run folder (:class:`tdpo_lab.runs.rundir.RunDir`) is such a log, and
@@ -198,6 +198,7 @@ class TrainingLoop:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         else:  # unscales fp16 gradients first
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        used = self.scheduler.get_last_lr()[0]  # the rate this update uses (scheduler.step moves to the next)
         self.optimizer.step()
         self.scheduler.step()
         step += 1
@@ -206,8 +207,8 @@ class TrainingLoop:
         record = {
             "step": step,
             **metrics,
-            "learning_rate": self.scheduler.get_last_lr()[0],  # TRL's name
-            "lr": self.scheduler.get_last_lr()[0],  # the kit's first name, kept: chapter 01 reads it
+            "learning_rate": used,  # TRL's name, and TRL's meaning: the rate of this step's update
+            "lr": used,  # the kit's first name, kept: chapter 01 reads it
             "grad_norm": float(grad_norm),
             "seconds": time.perf_counter() - started,
         }

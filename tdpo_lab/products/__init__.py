@@ -2,6 +2,7 @@
 reference policy, the preference pairs (the kit's, or your own file: :mod:`.pairs_source`) and a method's
 cached inputs (AttentionPO's judge weights). What the chapters use is importable from here."""
 
+from tdpo_lab.products.export_pairs import export_pairs
 from tdpo_lab.products.method_inputs import attnpo_weights, method_inputs, method_state
 from tdpo_lab.products.pairs import (
     InvertedPairError,
@@ -25,7 +26,7 @@ from tdpo_lab.products.sft import (
     train_sft,
 )
 from tdpo_lab.products.tokenizer import get_tokenizer, load_tokenizer
-from tdpo_lab.products.user_pairs import export_pairs, load_user_pairs
+from tdpo_lab.products.user_pairs import load_user_pairs
 
 __all__ = [
     "SFT_FIELDS",

@@ -21,15 +21,7 @@ from tdpo_lab.config import NO_REWARD, Config
 from tdpo_lab.core.data import clean_text, load_imdb, make_prefixes
 from tdpo_lab.products.pairs import build_pairs, split_pairs
 from tdpo_lab.products.reward import get_reward
-from tdpo_lab.products.user_pairs import (
-    evaluation_prompts as heldout_prompts,
-)
-from tdpo_lab.products.user_pairs import (
-    fit_to_context,
-    split_user_pairs,
-    user_pairs_for,
-    user_pairs_key,
-)
+from tdpo_lab.products.user_pairs import UserPairsError, user_pairs_for, user_pairs_key
 
 EVAL_PROMPT_SEED = 1234  # the held-out IMDb prefixes are the same for every run, so runs are comparable
 
@@ -57,6 +49,84 @@ def evaluation_prompts(cfg: Config, tokenizer) -> list[str]:
         max_tokens=cfg.prefix_max_tokens,
         seed=EVAL_PROMPT_SEED,
     )
+
+
+# --- your own pairs: split, fitted to the context, their prompts ------------------------------------------
+def split_user_pairs(table: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training pairs, held-out pairs): a seeded ``share`` of the prompts, with all their pairs, held out.
+
+    Whole prompts, as the kit's own split does, so no held-out prompt is ever trained on; with one pair per
+    prompt the held-out pairs are exactly ``round(share * n)`` (at least 1, at most n - 1). The held-out
+    table comes in the seeded order (evaluation takes its first ``eval_pairs`` rows).
+    """
+    if not 0.0 < share < 1.0:
+        raise UserPairsError(f"heldout_share must be in (0, 1), got {share!r}")
+    prompt_ids = np.sort(table["prompt_id"].unique())
+    if len(prompt_ids) < 2:
+        raise UserPairsError(
+            f"all {len(table)} pairs share one prompt: the held-out pairs are whole prompts, so at least two "
+            "different prompts are needed (one to train on, one to evaluate)"
+        )
+    n_held = min(max(round(share * len(prompt_ids)), 1), len(prompt_ids) - 1)
+    order = np.random.default_rng(seed).permutation(prompt_ids)
+    rank = {int(pid): k for k, pid in enumerate(order[:n_held])}
+    is_held = table["prompt_id"].isin(rank)
+    heldout = table[is_held].copy()
+    heldout["_rank"] = heldout["prompt_id"].map(rank)
+    heldout = heldout.sort_values(["_rank", "pair_id"], kind="stable").drop(columns="_rank")
+    return table[~is_held].reset_index(drop=True), heldout.reset_index(drop=True)
+
+
+def held_out_split(table: pd.DataFrame, cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training pairs, held-out pairs): the source's own ``test`` split when it has one (a ``heldout``
+    column, in the source's order), else :func:`split_user_pairs` with ``heldout_share`` and ``data_seed``."""
+    if "heldout" not in table:
+        return split_user_pairs(table, cfg.heldout_share, cfg.data_seed)
+    held = table["heldout"].astype(bool)
+    return table[~held].reset_index(drop=True), table[held].reset_index(drop=True)
+
+
+def fit_to_context(table: pd.DataFrame, tokenizer, max_length: int, *, verbose: bool = True) -> pd.DataFrame:
+    """Prompts longer than half of ``max_length`` tokens keep their last half (TRL's ``keep_end``).
+
+    Tokenised as the training batches are (prompt and response each on its own, no special tokens). A
+    prompt is cut at its start, so the response still follows the text right before it; responses that do
+    not fit after their prompt are cut at their end by the collation (:func:`tdpo_lab.core.data.collate_sequences`:
+    they lose their EOS). Prints one note with both counts when anything is cut.
+    """
+    room = max(max_length // 2, 1)
+    prompts = list(table["prompt"])
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    cut = 0
+    for i, p in enumerate(ids):
+        if len(p) <= room:
+            continue
+        keep = list(p[-room:])
+        text = ""
+        while keep:  # a cut inside a multi-byte character decodes to U+FFFD: start at the next token
+            text = tokenizer.decode(keep, clean_up_tokenization_spaces=False).lstrip("\ufffd")
+            if text and len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= room:
+                break
+            keep = keep[1:]
+        prompts[i], cut = text, cut + 1
+    table = table.assign(prompt=prompts)
+    lengths = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    long_responses = 0
+    for side in ("chosen", "rejected"):
+        resp = tokenizer(list(table[side]), add_special_tokens=False)["input_ids"]
+        long_responses += sum(p + len(r) + 1 > max_length for p, r in zip(lengths, resp, strict=True))
+    if verbose and (cut or long_responses):
+        print(
+            f"pairs: the model reads {max_length} positions (config key n_positions): {cut} prompt(s) longer "
+            f"than {room} tokens keep their last {room}; {long_responses} response(s) are cut where the "
+            "positions end (they lose their EOS)"
+        )
+    return table
+
+
+def heldout_prompts(heldout: pd.DataFrame, cfg) -> list[str]:
+    """The held-out prompts (each once, seeded order), at most ``cfg.eval_prompts``: what a reward scores."""
+    return list(dict.fromkeys(heldout["prompt"]))[: cfg.eval_prompts]
 
 
 class ImdbPairs:
@@ -110,11 +180,12 @@ class FilePairs:
         order; the rest are still never trained on); the reward, or None for ``reward="none"``."""
         cfg = self.cfg
         pairs = fit_to_context(self.data.table, tokenizer, cfg.n_positions, verbose=progress)
-        train, heldout = split_user_pairs(pairs, cfg.heldout_share, cfg.data_seed)
+        train, heldout = held_out_split(pairs, cfg)
         if progress:
+            how = "its test split" if "heldout" in pairs else f"heldout_share={cfg.heldout_share:g}"
             print(
                 f"pairs: {len(pairs)} from {cfg.pairs!r} ({self.data.rows_read - len(pairs)} rows dropped): "
-                f"{len(train)} to train on, {len(heldout)} held out (heldout_share={cfg.heldout_share:g}), "
+                f"{len(train)} to train on, {len(heldout)} held out ({how}), "
                 f"{min(len(heldout), cfg.eval_pairs)} of them evaluated (eval_pairs={cfg.eval_pairs})"
             )
         heldout = heldout.head(cfg.eval_pairs).reset_index(drop=True)

@@ -8,8 +8,9 @@ that cannot teach a preference, counting each reason. The config key ``pairs`` m
 instead of the IMDb pairs; the tokenizer, pi_ref and the models still come from the profile, and a seeded
 share (``heldout_share``) of the prompts is held out for evaluation (:func:`split_user_pairs`).
 
-:func:`export_pairs` goes the other way: the kit's IMDb pair table as a ``datasets.Dataset`` in the same
-column names, for TRL or any other trainer.
+:func:`export_pairs` goes the other way: the kit's IMDb pair table as a ``datasets.DatasetDict`` (``train``
+and ``test`` splits) in the same column names, for TRL or any other trainer; a folder with both splits is read
+back with its ``test`` split as the held-out pairs (:func:`held_out_split`).
 """
 
 from __future__ import annotations
@@ -29,23 +30,19 @@ import pandas as pd
 from tdpo_lab.core.data import DataError, DataNotFoundError
 from tdpo_lab.core.hub import hub_status
 from tdpo_lab.core.utils import stable_hash
-from tdpo_lab.products.pairs import build_pairs, split_pairs
 
 __all__ = [
     "REQUIRED_COLUMNS",
     "UserPairs",
     "UserPairsError",
     "UserPairsWarning",
-    "evaluation_prompts",
-    "export_pairs",
-    "fit_to_context",
     "load_user_pairs",
-    "split_user_pairs",
     "user_pairs_for",
     "user_pairs_key",
 ]
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+SPLIT_COLUMN = "_split"  # set by _read_dataset for a DatasetDict with 'train' and 'test' splits
 FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 VERSION = 1  # of the checks and the split below: part of the pairs key, so a change never reuses caches
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -67,7 +64,8 @@ class UserPairsWarning(UserWarning):
 
 @dataclasses.dataclass(frozen=True)
 class UserPairs:
-    """Checked pairs: ``table`` has ``pair_id, prompt_id, prompt, chosen, rejected`` (ids count from 0).
+    """Checked pairs: ``table`` has ``pair_id, prompt_id, prompt, chosen, rejected`` (ids count from 0), and
+    ``heldout`` (bool) when the source was a DatasetDict with ``train`` and ``test`` splits (``test`` = True).
 
     ``rows_read``: rows in the source; ``dropped``: rows dropped per reason; ``fingerprint``: sha256 of the
     kept texts, in order (the same pairs give the same fingerprint whatever the file format).
@@ -131,7 +129,8 @@ def _read_file(path: Path) -> dict[str, list]:
 
 
 def _read_dataset(source: str, folder: Path | None) -> dict[str, list]:
-    """A folder or hub name through the datasets library; a DatasetDict gives its 'train' split."""
+    """A folder or hub name through the datasets library; a DatasetDict gives its 'train' split, and with a
+    'test' split beside it both, marked in a ``_split`` column (the held-out pairs, what ``export-pairs`` writes)."""
     import datasets
 
     saved = ("dataset_info.json", "dataset_dict.json")  # what save_to_disk writes (Dataset, DatasetDict)
@@ -153,6 +152,11 @@ def _read_dataset(source: str, folder: Path | None) -> dict[str, list]:
                 f"{WHAT_TO_GIVE}"
             ) from exc
     if isinstance(ds, datasets.DatasetDict):
+        if {"train", "test"} <= set(ds):  # a given held-out split is honoured, not split again
+            columns = [c for c in ds["train"].column_names if c in ds["test"].column_names]
+            out = {name: list(ds["train"][name]) + list(ds["test"][name]) for name in columns}
+            out[SPLIT_COLUMN] = ["train"] * ds["train"].num_rows + ["test"] * ds["test"].num_rows
+            return out
         if "train" in ds:
             ds = ds["train"]
         elif len(ds) == 1:
@@ -299,7 +303,18 @@ def load_user_pairs(source: str | os.PathLike, *, strict: bool = False) -> UserP
     first_seen = {p: k for k, p in enumerate(dict.fromkeys(table["prompt"]))}
     table.insert(0, "prompt_id", table["prompt"].map(first_seen).astype(np.int64))
     table.insert(0, "pair_id", np.arange(len(table), dtype=np.int64))  # AttentionPO's weights are keyed by it
-    return UserPairs(table, source, n_rows, counts, fingerprint_pairs(table))
+    fingerprint = fingerprint_pairs(table)
+    if SPLIT_COLUMN in columns:
+        table["heldout"] = [columns[SPLIT_COLUMN][i] == "test" for i in keep]
+        # the split is part of what a run trains on: the same texts split otherwise are other pairs
+        flags = bytes(table["heldout"].astype(np.uint8).tolist())
+        fingerprint = hashlib.sha256(fingerprint.encode() + b"split" + flags).hexdigest()
+        if table["heldout"].all() or not table["heldout"].any():
+            raise UserPairsError(
+                f"the pairs {source!r}: after dropping rows, no pair is left in its "
+                f"{'train' if table['heldout'].all() else 'test'} split; both splits need pairs"
+            )
+    return UserPairs(table, source, n_rows, counts, fingerprint)
 
 
 _LOADED: dict[tuple, UserPairs] = {}
@@ -341,106 +356,3 @@ def user_pairs_key(cfg, sft_key: str) -> str:
             "version": VERSION,
         }
     )
-
-
-# --- using them -----------------------------------------------------------------------------------------
-def split_user_pairs(table: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(training pairs, held-out pairs): a seeded ``share`` of the prompts, with all their pairs, held out.
-
-    Whole prompts, as the kit's own split does, so no held-out prompt is ever trained on; with one pair per
-    prompt the held-out pairs are exactly ``round(share * n)`` (at least 1, at most n - 1). The held-out
-    table comes in the seeded order (evaluation takes its first ``eval_pairs`` rows).
-    """
-    if not 0.0 < share < 1.0:
-        raise UserPairsError(f"heldout_share must be in (0, 1), got {share!r}")
-    prompt_ids = np.sort(table["prompt_id"].unique())
-    if len(prompt_ids) < 2:
-        raise UserPairsError(
-            f"all {len(table)} pairs share one prompt: the held-out pairs are whole prompts, so at least two "
-            "different prompts are needed (one to train on, one to evaluate)"
-        )
-    n_held = min(max(round(share * len(prompt_ids)), 1), len(prompt_ids) - 1)
-    order = np.random.default_rng(seed).permutation(prompt_ids)
-    rank = {int(pid): k for k, pid in enumerate(order[:n_held])}
-    is_held = table["prompt_id"].isin(rank)
-    heldout = table[is_held].copy()
-    heldout["_rank"] = heldout["prompt_id"].map(rank)
-    heldout = heldout.sort_values(["_rank", "pair_id"], kind="stable").drop(columns="_rank")
-    return table[~is_held].reset_index(drop=True), heldout.reset_index(drop=True)
-
-
-def fit_to_context(table: pd.DataFrame, tokenizer, max_length: int, *, verbose: bool = True) -> pd.DataFrame:
-    """Prompts longer than half of ``max_length`` tokens keep their last half (TRL's ``keep_end``).
-
-    Tokenised as the training batches are (prompt and response each on its own, no special tokens). A
-    prompt is cut at its start, so the response still follows the text right before it; responses that do
-    not fit after their prompt are cut at their end by the collation (:func:`tdpo_lab.core.data.collate_sequences`:
-    they lose their EOS). Prints one note with both counts when anything is cut.
-    """
-    room = max(max_length // 2, 1)
-    prompts = list(table["prompt"])
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    cut = 0
-    for i, p in enumerate(ids):
-        if len(p) <= room:
-            continue
-        keep = list(p[-room:])
-        text = ""
-        while keep:  # a cut inside a multi-byte character decodes to U+FFFD: start at the next token
-            text = tokenizer.decode(keep, clean_up_tokenization_spaces=False).lstrip("\ufffd")
-            if text and len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= room:
-                break
-            keep = keep[1:]
-        prompts[i], cut = text, cut + 1
-    table = table.assign(prompt=prompts)
-    lengths = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    long_responses = 0
-    for side in ("chosen", "rejected"):
-        resp = tokenizer(list(table[side]), add_special_tokens=False)["input_ids"]
-        long_responses += sum(p + len(r) + 1 > max_length for p, r in zip(lengths, resp, strict=True))
-    if verbose and (cut or long_responses):
-        print(
-            f"pairs: the model reads {max_length} positions (config key n_positions): {cut} prompt(s) longer "
-            f"than {room} tokens keep their last {room}; {long_responses} response(s) are cut where the "
-            "positions end (they lose their EOS)"
-        )
-    return table
-
-
-def evaluation_prompts(heldout: pd.DataFrame, cfg) -> list[str]:
-    """The held-out prompts (each once, seeded order), at most ``cfg.eval_prompts``: what a reward scores."""
-    return list(dict.fromkeys(heldout["prompt"]))[: cfg.eval_prompts]
-
-
-# --- the kit's pairs, written out -----------------------------------------------------------------------
-def export_pairs(cfg, out: str | os.PathLike, *, push_to_hub: str | None = None, progress: bool = True):
-    """Write the kit's IMDb pairs of ``cfg`` (built, or read from the cache) as a ``datasets.Dataset``.
-
-    Columns: ``prompt``, ``chosen``, ``rejected`` (TRL's names) and the kit's ``prompt_id``, ``pair_id``,
-    ``reward_chosen``, ``reward_rejected`` and ``heldout`` (True for the pairs whose prompts training holds
-    out for the SeqKL curves). ``save_to_disk(out)``; then ``push_to_hub(push_to_hub)`` when a name is given
-    and the hub is reachable (else an error saying the folder is written and how to push it later).
-    Returns the dataset; ``load_user_pairs(out)`` reads it back.
-    """
-    import datasets
-
-    if cfg.pairs:
-        raise UserPairsError(
-            f"export-pairs writes the kit's IMDb pairs, but config key pairs is set ({cfg.pairs!r}): unset it"
-        )
-    table = build_pairs(cfg, progress=progress)
-    trained, _ = split_pairs(table, cfg)
-    table = table.assign(pair_id=np.arange(len(table), dtype=np.int64))
-    table["heldout"] = ~table["pair_id"].isin(set(trained["pair_id"]))
-    ordered = [*REQUIRED_COLUMNS, *(c for c in table.columns if c not in REQUIRED_COLUMNS)]
-    ds = datasets.Dataset.from_pandas(table[ordered], preserve_index=False)
-    ds.save_to_disk(str(out))
-    if push_to_hub:
-        reason = hub_status()
-        if reason is not None:
-            raise DataError(
-                f"cannot push to the hub ({reason}); the pairs are saved in {str(out)!r}: push them later, "
-                f"online, with datasets.load_from_disk({str(out)!r}).push_to_hub({push_to_hub!r})"
-            )
-        ds.push_to_hub(push_to_hub)
-    return ds

@@ -95,7 +95,7 @@ def check_lr_schedule(lr_after: Callable[[int], float], cfg: Config) -> None:
     """``lr_after(s)``: the learning rate after ``s`` optimiser steps, for every s = 0..``cfg.sft_steps``.
 
     Compared with the trainer's own schedule: a ``LambdaLR`` over ``tdpo_lab.products.sft``'s multiplier, stepped as
-    the training loop steps it (the rate the history logs at step s).
+    the training loop steps it (the rate of step s + 1's update, which the history logs at step s + 1).
     """
     if not callable(lr_after):
         raise ExerciseError(f"lr_after must be a function of the step s, got {type(lr_after).__name__}")
