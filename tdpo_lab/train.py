@@ -45,6 +45,7 @@ from tdpo_lab.utils import (
 )
 
 EVAL_PROMPT_SEED = 1234  # the held-out prefixes are the same for every run, so runs are comparable
+KEEP_SAMPLES = 4  # samples per evaluation kept in a run's samples.jsonl (to read, not to compute with)
 
 
 # --- inputs shared by every step ------------------------------------------------------------------
@@ -136,6 +137,8 @@ def _evaluate(policy, reference, tokenizer, reward, prompts, heldout, cfg: Confi
         seed=cfg.seed,
         **_pair_beta(cfg),
         progress=progress,
+        per_prompt=True,  # per-prompt and per-pair values: error bars that resample prompts
+        keep_samples=KEEP_SAMPLES,
     )
 
 
@@ -156,10 +159,19 @@ def reference_evaluation(
         result = _evaluate(reference, reference, tokenizer, reward, prompts, heldout, cfg, progress=progress)
         write_json(folder / REFERENCE_EVAL_FILE, result)
 
+    def load(folder: Path) -> dict:
+        result = json.loads((folder / REFERENCE_EVAL_FILE).read_text())
+        # one built by an older kit has only means: it is rebuilt (with a warning), not logged without them
+        wanted = {"prompt_ids": reward is not None, "pair_prompt_ids": heldout is not None}
+        missing = [k for k, needed in wanted.items() if needed and k not in result]
+        if missing:
+            raise ValueError(f"it lacks the per-prompt values {missing} (built by an older tdpo_lab)")
+        return result
+
     return fetch(
         (plan or Plan(cfg)).entry("reference_eval"),
         build,
-        lambda folder: json.loads((folder / REFERENCE_EVAL_FILE).read_text()),
+        load,
         what="reference evaluation cache",
     )
 
@@ -234,7 +246,7 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
         scheduler,
         total_steps=cfg.train_steps,
         checkpoint_path=run.checkpoint_path,
-        logs=[run.metrics_path, run.eval_path],
+        logs=[run.metrics_path, run.eval_path, run.samples_path],
         eval_every=cfg.eval_every,
         checkpoint_every=cfg.checkpoint_every,
         max_grad_norm=cfg.max_grad_norm,
