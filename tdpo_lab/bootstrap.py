@@ -29,6 +29,7 @@ returns a number or a 1-D array. :func:`checkpoint_arrays` builds the arrays fro
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -60,7 +61,9 @@ class Bootstrap:
     def interval(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         """The percentile interval of the replicates (NaN-aware), e.g. for a band."""
         tail = (1.0 - level) / 2.0
-        return tuple(np.nanquantile(self.replicates, [tail, 1.0 - tail], axis=0))
+        with warnings.catch_warnings():  # an all-NaN column (a budget out of reach) stays NaN, quietly
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return tuple(np.nanquantile(self.replicates, [tail, 1.0 - tail], axis=0))
 
 
 def bootstrap(
@@ -118,7 +121,9 @@ def bootstrap(
     replicates = np.stack(
         [np.asarray(statistic({n: d[..., b] for n, d in drawn.items()}), dtype=float) for b in range(n_boot)]
     )
-    se = np.nanstd(replicates, axis=0, ddof=1)
+    with warnings.catch_warnings():  # as in Bootstrap.interval
+        warnings.simplefilter("ignore", RuntimeWarning)
+        se = np.nanstd(replicates, axis=0, ddof=1)
     if estimate.ndim == 0:
         return Bootstrap(float(estimate), float(se), replicates)
     return Bootstrap(estimate, se, replicates)
