@@ -163,22 +163,25 @@ def difference(a: np.ndarray, b: np.ndarray, *, clusters: Sequence | None = None
     )
 
 
-def at_kl(kl: np.ndarray, y: np.ndarray, budget: float) -> float:
+def at_kl(kl: np.ndarray, y: np.ndarray, budget: float | Sequence[float]) -> float | np.ndarray:
     """A seed-mean curve's value at KL = ``budget``: ``kl[C, S]`` and ``y[C, S]`` (checkpoints in step order).
 
     The seeds are averaged at each checkpoint, then ``y`` is read off by straight lines between the two
     checkpoints that bracket the budget (the first crossing in step order); NaN where the curve never reaches
-    it. Used as a bootstrap statistic: a value at matched KL.
+    it. ``budget`` may be a list (then an array comes back). Used as a bootstrap statistic: a value at
+    matched KL.
     """
     kl, y = np.asarray(kl, dtype=float).mean(-1), np.asarray(y, dtype=float).mean(-1)
-    for i in range(len(kl) - 1):
-        lo, hi = sorted((kl[i], kl[i + 1]))
-        if lo <= budget <= hi:
-            if hi == lo:
-                return float(y[i])
-            t = (budget - kl[i]) / (kl[i + 1] - kl[i])
-            return float(y[i] + t * (y[i + 1] - y[i]))
-    return float("nan")
+    budgets = np.atleast_1d(np.asarray(budget, dtype=float))
+    if len(kl) < 2:
+        raise ValueError("a curve needs at least two checkpoints to be read at a KL")
+    lo, hi = np.minimum(kl[:-1], kl[1:]), np.maximum(kl[:-1], kl[1:])  # [C-1] segments
+    inside = (lo[None, :] <= budgets[:, None]) & (budgets[:, None] <= hi[None, :])  # [K, C-1]
+    first = inside.argmax(1)
+    run = kl[first + 1] - kl[first]
+    t = np.where(run == 0, 0.0, (budgets - kl[first]) / np.where(run == 0, 1.0, run))
+    out = np.where(inside.any(1), y[first] + t * (y[first + 1] - y[first]), np.nan)
+    return float(out[0]) if np.ndim(budget) == 0 else out
 
 
 def ideal_variance_of_mean(values: np.ndarray) -> float:

@@ -7,6 +7,7 @@
     tdpo-lab reproduce --profile tiny --out reproduce
     tdpo-lab collect runs/sweep
     tdpo-lab store runs/frontier --into results/tiny                # finished runs' summaries, to commit
+    tdpo-lab claims results/tiny                                    # one verdict per claim, from the store
     tdpo-lab run --method tdpo2 --set pairs=my_pairs.jsonl          # your own preference data
     tdpo-lab export-pairs --profile tiny --out pairs_tiny              # the kit's pairs as a datasets.Dataset
 
@@ -30,6 +31,7 @@ from tdpo_lab.chapters import (
     run_chapters,
     sweep_notebook,
 )
+from tdpo_lab.claims import write_claims
 from tdpo_lab.config import PROFILES, Config, ConfigError, config_from_file, load_config
 from tdpo_lab.data import DataError
 from tdpo_lab.methods import method_names, reads_knob
@@ -163,9 +165,20 @@ def cmd_frontier_study(args: argparse.Namespace) -> int:
     source = Path(args.store) if args.store else root
     report = write_study(source, grid, Path(args.report) if args.report else root)
     print(f"frontier study: {report} (table, verdicts), figure beside it")
+    try:  # the monotone frontiers and the claims' verdicts, with prompts in the error bars
+        print(f"claims: {write_claims(source, report.parent)}")
+    except ValueError as exc:  # runs made before per-prompt logging, or methods without a shared KL range
+        print(f"claims.md not written: {exc}", file=sys.stderr)
     for name, exc in failures:
         print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    """Print (and write claims.md) the verdict of every claim from the runs or the store under ROOT."""
+    path = write_claims(Path(args.root), Path(args.out) if args.out else None)
+    print(path.read_text())
+    return 0
 
 
 def _store_finished(outs, into) -> None:
@@ -401,6 +414,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--into", required=True, help="the store, e.g. results/tiny")
     p.set_defaults(func=cmd_store)
+
+    p = sub.add_parser(
+        "claims", help="one verdict per claim of the papers from the runs (or store) under ROOT"
+    )
+    p.add_argument("root")
+    p.add_argument("--out", help="folder of claims.md (default: ROOT)")
+    p.set_defaults(func=cmd_claims)
 
     p = sub.add_parser("collect", help="collect the runs under ROOT into a results table and figures")
     p.add_argument("root")

@@ -52,7 +52,9 @@ def synthetic_table(
                         + rng.normal(0, sd_noise, n_prompts)
                     )
                     chosen = k * (1 + 0.1 * rng.normal(size=n_pairs)) if step else np.zeros(n_pairs)
-                    rejected = chosen * spec.get("rho", 1.0) * (1 + 0.02 * rng.normal(size=n_pairs))
+                    rho = spec.get("rho", 1.0)
+                    rho = rho(k) if callable(rho) else rho
+                    rejected = chosen * rho * (1 + 0.02 * rng.normal(size=n_pairs))
                     rows.append(
                         {
                             "run": f"{method}_beta{beta:g}_seed{seed}",

@@ -139,6 +139,17 @@ def test_at_kl_reads_straight_lines_and_refuses_extrapolation():
     assert at_kl(kl, y, 2.0) == pytest.approx(0.7)
     assert at_kl(kl, y, 0.5) == pytest.approx(0.55)
     assert np.isnan(at_kl(kl, y, 3.5))
+    # a curve that turns back: the first crossing in step order, as a loop over segments would find it
+    rng = np.random.default_rng(11)
+    kl, y = rng.uniform(0, 3, (6, 2)), rng.normal(size=(6, 2))
+    budgets = np.linspace(-0.2, 3.2, 23)
+    k, v = kl.mean(-1), y.mean(-1)
+    naive = []
+    for b in budgets:
+        hits = [i for i in range(5) if min(k[i], k[i + 1]) <= b <= max(k[i], k[i + 1])]
+        i = hits[0] if hits else None
+        naive.append(np.nan if i is None else v[i] + (b - k[i]) / (k[i + 1] - k[i]) * (v[i + 1] - v[i]))
+    np.testing.assert_allclose(at_kl(kl, y, budgets), naive)
 
 
 def test_checkpoint_arrays_pairs_seeds_and_refuses_gaps():

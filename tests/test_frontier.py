@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.isotonic import IsotonicRegression
 from synthetic_runs import STEPS, synthetic_table, true_frontier
 
 from tdpo_lab.frontier import envelope_overstatement, isotonic_at, isotonic_frontier, kl_range
@@ -66,6 +67,15 @@ def test_isotonic_at_is_the_pool_adjacent_violators_fit():
     assert np.isnan(got[6])  # no extrapolation
     with pytest.raises(ValueError, match="two"):
         isotonic_at([1.0], [0.5], [1.0])
+
+
+def test_isotonic_at_equals_scikit_learns_estimator_with_ties():
+    rng = np.random.default_rng(3)
+    kl = np.round(rng.uniform(0, 4, 300), 1)  # many tied KLs, as step 0 of every run is
+    reward = 0.5 + 0.05 * kl + rng.normal(0, 0.1, 300)
+    budgets = np.linspace(-0.5, 4.5, 41)
+    reference = IsotonicRegression(increasing=True, out_of_bounds="nan").fit(kl, reward).predict(budgets)
+    np.testing.assert_allclose(isotonic_at(kl, reward, budgets), reference, rtol=1e-12, atol=1e-12)
 
 
 def test_isotonic_frontier_and_overstatement_on_a_results_table():
