@@ -150,11 +150,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_frontier_study(args: argparse.Namespace) -> int:
     """The beta-grid frontier study (docs/results_tiny.md): train the grid, then its envelopes and verdicts."""
     from tdpo_lab.fanout import train_points
-    from tdpo_lab.study import parse_betas, study_configs, write_study
+    from tdpo_lab.study import (
+        STUDY_EVAL_EVERY,
+        STUDY_GRID,
+        grid_configs,
+        parse_betas,
+        study_configs,
+        write_study,
+    )
 
     root = Path(args.out)
     grid = parse_betas(args.betas)
     configs = study_configs(lambda **extra: build_config(args, **extra), grid, _ints(args.seeds))
+    if (
+        args.grid == "retrain"
+    ):  # the retrained study of issue 18: study.STUDY_GRID, an evaluation every 40 steps
+        make = lambda **extra: build_config(args, **extra)  # noqa: E731
+        configs = grid_configs(make, STUDY_GRID, _ints(args.seeds), eval_every=STUDY_EVAL_EVERY)
+        grid = {m: knobs["beta"] for m, knobs in STUDY_GRID.items()}
     failures = []
     outs = [root / run_name(c) for c in configs]
     if not args.collect_only:
@@ -361,6 +374,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="per-method grids, e.g. 'dpo=0.1,0.3,1;tdpo2=0.03,0.1' (default: tdpo_lab.study.FRONTIER_BETAS)",
     )
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument(
+        "--grid",
+        choices=("betas", "retrain"),
+        default="betas",
+        help="betas: --betas (DPO, TDPO1, TDPO2); retrain: tdpo_lab.study.STUDY_GRID, every method, eval every 40",
+    )
     p.add_argument("--jobs", type=int, default=2, help="points trained at once")
     p.add_argument("--out", default="runs/frontier", help="run root of the study's runs")
     p.add_argument("--report", help="folder of frontier_study.md / .png (default: --out)")

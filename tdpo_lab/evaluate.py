@@ -238,16 +238,22 @@ def per_prompt_values(samples: pd.DataFrame) -> dict:
 
     ``prompt_ids`` (sorted, the order of the other lists), ``reward_per_prompt`` and ``kl_seq_per_prompt``
     (means over that prompt's samples), ``entropy_per_prompt`` (that prompt's per-token entropy, pooled over
-    its samples as ``entropy`` is over all of them): lists of python floats, one per prompt.
+    its samples as ``entropy`` is over all of them): lists of python floats (6 significant digits), one per
+    prompt.
     """
     groups = samples.groupby("prompt_id", sort=True)
     entropy = groups["entropy_sum"].sum() / groups["n_tokens"].sum()
     return {
         "prompt_ids": [int(i) for i in groups.size().index],
-        "reward_per_prompt": [float(v) for v in groups["reward"].mean()],
-        "kl_seq_per_prompt": [float(v) for v in groups["kl_seq"].mean()],
-        "entropy_per_prompt": [float(v) for v in entropy],
+        "reward_per_prompt": _rounded(groups["reward"].mean()),
+        "kl_seq_per_prompt": _rounded(groups["kl_seq"].mean()),
+        "entropy_per_prompt": _rounded(entropy),
     }
+
+
+def _rounded(values) -> list[float]:
+    # 6 significant digits: far below any prompt-to-prompt spread, and half the bytes of a committed store
+    return [float(f"{float(v):.6g}") for v in values]
 
 
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
@@ -298,7 +304,8 @@ def pair_seqkl(
 
     With ``per_pair``, also each pair's values in row order, for error bars that resample pairs:
     ``kl_seq_chosen_per_pair``, ``kl_seq_rejected_per_pair`` and ``pair_prompt_ids`` (the pair's
-    ``prompt_id`` column, else an index of its distinct prompt texts: pairs of one prompt are resampled together).
+    ``prompt_id`` column, else an index of its distinct prompt texts: pairs of one prompt are resampled together);
+    values to 6 significant digits.
     """
     _check_pairs(pairs)
     chosen, rejected, margins = [], [], []
@@ -336,8 +343,8 @@ def pair_seqkl(
             prompt_ids = [int(i) for i in pairs["prompt_id"]]
         else:
             prompt_ids = [int(i) for i in pd.factorize(pairs["prompt"])[0]]
-        result["kl_seq_chosen_per_pair"] = [float(v) for v in torch.cat(chosen)]
-        result["kl_seq_rejected_per_pair"] = [float(v) for v in torch.cat(rejected)]
+        result["kl_seq_chosen_per_pair"] = _rounded(torch.cat(chosen))
+        result["kl_seq_rejected_per_pair"] = _rounded(torch.cat(rejected))
         result["pair_prompt_ids"] = prompt_ids
     return result
 

@@ -8,8 +8,11 @@ import pytest
 from sklearn.isotonic import IsotonicRegression
 from synthetic_runs import STEPS, synthetic_table, true_frontier
 
+from tdpo_lab.config import load_config
 from tdpo_lab.frontier import envelope_overstatement, isotonic_at, isotonic_frontier, kl_range
-from tdpo_lab.study import frontier_value
+from tdpo_lab.methods import method_names
+from tdpo_lab.rundir import run_name
+from tdpo_lab.study import STUDY_EVAL_EVERY, STUDY_GRID, frontier_value, grid_configs
 
 SD = 0.02  # noise of one (setting, step, seed) point: its mean over prompts
 BUDGETS = (1.5, 3.0)
@@ -94,3 +97,14 @@ def test_isotonic_frontier_and_overstatement_on_a_results_table():
     table_over = envelope_overstatement(table, "dpo", budgets[:2], n_boot=200)
     assert list(table_over.columns[:2]) == ["method", "budget"]
     np.testing.assert_allclose(table_over["overstatement"], table_over["envelope"] - table_over["isotonic"])
+
+
+def test_the_retrained_study_grid_covers_every_method_at_three_settings():
+    configs = grid_configs(lambda **kw: load_config("tiny", fast=False, **kw), eval_every=STUDY_EVAL_EVERY)
+    assert set(STUDY_GRID) == set(method_names())
+    settings = {(c.method, c.beta, c.alpha) for c in configs}
+    for method in STUDY_GRID:
+        assert len({s for s in settings if s[0] == method}) >= 3, method
+    assert {c.alpha for c in configs if c.method == "tdpo2"} == {0.1, 0.25, 0.5}
+    assert len(configs) == 3 * len(settings) == len({run_name(c) for c in configs})
+    assert {c.eval_every for c in configs} == {40} and {c.seed for c in configs} == {0, 1, 2}

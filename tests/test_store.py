@@ -39,15 +39,15 @@ def test_every_evaluation_logs_per_prompt_and_per_pair_values(finished_runs):
                 values = record[f"{key}_per_prompt"]
                 assert len(values) == n
                 # equal sample counts per prompt: the mean of the prompt means is the mean of the samples
-                assert np.mean(values) == pytest.approx(record[mean], abs=1e-12)
+                assert np.mean(values) == pytest.approx(record[mean], rel=1e-5, abs=1e-9)
             assert len(record["entropy_per_prompt"]) == n
             pairs = len(record["kl_seq_chosen_per_pair"])
             assert pairs == len(record["kl_seq_rejected_per_pair"]) == len(record["pair_prompt_ids"]) > 0
             assert np.mean(record["kl_seq_chosen_per_pair"]) == pytest.approx(
-                record["kl_seq_chosen"], abs=1e-12
+                record["kl_seq_chosen"], rel=1e-5, abs=1e-9
             )
             assert np.mean(record["kl_seq_rejected_per_pair"]) == pytest.approx(
-                record["kl_seq_rejected"], abs=1e-12
+                record["kl_seq_rejected"], rel=1e-5, abs=1e-9
             )
         samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
         assert samples and {"step", "prompt", "continuation", "reward"} <= set(samples[0])
