@@ -18,6 +18,7 @@ and evaluation units resampled, paired across the two methods), the three-way ve
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -220,5 +221,7 @@ def claim_records(claims: Sequence[Claim]) -> list[dict]:
 def _mean_over_budgets(per) -> tuple[float, float]:
     """The mean over budgets of a per-budget bootstrap, and its standard error from the same replicates."""
     estimate = float(np.nanmean(per.estimate))
-    replicates = np.nanmean(per.replicates, axis=1)
-    return estimate, float(np.nanstd(replicates, ddof=1))
+    with warnings.catch_warnings():  # a replicate whose drawn seeds reach no budget is left out, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        replicates = np.nanmean(per.replicates, axis=1)
+        return estimate, float(np.nanstd(replicates, ddof=1))
