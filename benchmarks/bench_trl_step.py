@@ -3,7 +3,7 @@
 Both start from the profile's SFT model (pi_ref; trained or read from the cache) and train a copy of it on
 the profile's exported pairs (``tdpo-lab export-pairs``: its ``train`` split), batch ``batch_size``, with the
 same AdamW. A step is what each trainer does per optimiser step: the kit's
-:func:`tdpo_lab.train.compute_loss` (collation, both forwards, token statistics, loss) then backward, clipping
+:func:`tdpo_lab.runs.train.compute_loss` (collation, both forwards, token statistics, loss) then backward, clipping
 and the update; TRL's collator on the kit's tokens, ``DPOTrainer.compute_loss`` (its fused output layer), then
 the same backward, clipping and update. The two alternate step by step on the same batch (interleaved: drift
 in the machine's speed hits both alike); the table gives the median of ``--steps`` after ``--warmup``.
@@ -28,8 +28,8 @@ from tdpo_lab.config import load_config
 from tdpo_lab.integrations.trl import kit_tokenize
 from tdpo_lab.loop import batch_schedule
 from tdpo_lab.models import load_model
-from tdpo_lab.sft import load_reference, train_sft
-from tdpo_lab.train import compute_loss
+from tdpo_lab.products.sft import load_reference, train_sft
+from tdpo_lab.runs.train import compute_loss
 from tdpo_lab.user_pairs import export_pairs
 
 

@@ -6,6 +6,8 @@
     tdpo-lab frontier-study --profile tiny --seeds 0,1,2 --jobs 2 --out runs/frontier
     tdpo-lab reproduce --profile tiny --out reproduce
     tdpo-lab collect runs/sweep
+    tdpo-lab store runs/frontier --into results/tiny                # finished runs' summaries, to commit
+    tdpo-lab claims results/tiny                                    # one verdict per claim, from the store
     tdpo-lab run --method tdpo2 --set pairs=my_pairs.jsonl          # your own preference data
     tdpo-lab export-pairs --profile tiny --out pairs_tiny              # the kit's pairs as a DatasetDict (train, test)
 
@@ -32,7 +34,9 @@ from tdpo_lab.course.chapters import (
     sweep_notebook,
 )
 from tdpo_lab.methods import load_plugin, method_names, reads_knob
+from tdpo_lab.runs.claims import write_claims
 from tdpo_lab.runs.rundir import RunDir, run_name
+from tdpo_lab.runs.store import pending, store_run, store_runs
 
 
 def _parse_value(text: str):
@@ -131,14 +135,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             points.append(build_config(args, **extra))
     from tdpo_lab.runs.fanout import train_points
 
-    failures = train_points(
-        points,
-        [root / run_name(c) for c in points],
-        jobs=args.jobs,
-        progress=not args.quiet,
-        plugins=args.plugin,
-    )
-    report = write_results(root)
+    outs = [root / run_name(c) for c in points]
+    todo, todo_outs = pending(points, outs, args.store)  # runs stored already are done
+    failures = train_points(todo, todo_outs, jobs=args.jobs, progress=not args.quiet, plugins=args.plugin)
+    if args.store:
+        _store_finished(todo_outs, args.store)
+    report = write_results(Path(args.store), root) if args.store else write_results(root)
     print(f"results table: {report} (and results.csv); figures: {root}/frontier.png, {root}/seqkl.png")
     for name, exc in failures:
         print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -148,25 +150,65 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_frontier_study(args: argparse.Namespace) -> int:
     """The beta-grid frontier study (docs/results_tiny.md): train the grid, then its envelopes and verdicts."""
     from tdpo_lab.runs.fanout import train_points
-    from tdpo_lab.runs.study import parse_betas, study_configs, write_study
+    from tdpo_lab.runs.study import (
+        STUDY_EVAL_EVERY,
+        STUDY_GRID,
+        grid_configs,
+        parse_betas,
+        study_configs,
+        write_study,
+    )
 
     root = Path(args.out)
     grid = parse_betas(args.betas)
     configs = study_configs(lambda **extra: build_config(args, **extra), grid, _ints(args.seeds))
+    if (
+        args.grid == "retrain"
+    ):  # the retrained study of issue 18: study.STUDY_GRID, an evaluation every 40 steps
+        make = lambda **extra: build_config(args, **extra)  # noqa: E731
+        configs = grid_configs(make, STUDY_GRID, _ints(args.seeds), eval_every=STUDY_EVAL_EVERY)
+        grid = {m: knobs["beta"] for m, knobs in STUDY_GRID.items()}
     failures = []
+    outs = [root / run_name(c) for c in configs]
     if not args.collect_only:
-        failures = train_points(
-            configs,
-            [root / run_name(c) for c in configs],
-            jobs=args.jobs,
-            progress=not args.quiet,
-            plugins=args.plugin,
-        )
-    report = write_study(root, grid, Path(args.report) if args.report else root)
+        todo, todo_outs = pending(configs, outs, args.store)  # runs stored already are done
+        failures = train_points(todo, todo_outs, jobs=args.jobs, progress=not args.quiet, plugins=args.plugin)
+        if args.store:
+            _store_finished(todo_outs, args.store)
+    source = Path(args.store) if args.store else root
+    report = write_study(source, grid, Path(args.report) if args.report else root)
     print(f"frontier study: {report} (table, verdicts), figure beside it")
+    try:  # the monotone frontiers and the claims' verdicts, with prompts in the error bars
+        print(f"claims: {write_claims(source, report.parent)}")
+    except ValueError as exc:  # runs made before per-prompt logging, or methods without a shared KL range
+        print(f"claims.md not written: {exc}", file=sys.stderr)
     for name, exc in failures:
         print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    """Print (and write claims.md) the verdict of every claim from the runs or the store under ROOT."""
+    path = write_claims(Path(args.root), Path(args.out) if args.out else None)
+    print(path.read_text())
+    return 0
+
+
+def _store_finished(outs, into) -> None:
+    finished = [o for o in outs if RunDir(o).is_finished]
+    for out in finished:
+        store_run(out, into)
+    print(f"stored {len(finished)} finished run(s) of {len(outs)} into {into}")
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    """Copy the summaries of the finished runs under each RUN_ROOT into the results store --into."""
+    done = store_runs(args.roots, args.into)
+    print(f"stored {len(done['stored'])} finished run(s) into {args.into}")
+    if done["unfinished"]:
+        shown = ", ".join(done["unfinished"][:5]) + (", ..." if len(done["unfinished"]) > 5 else "")
+        print(f"left out {len(done['unfinished'])} unfinished run(s): {shown}", file=sys.stderr)
+    return 0
 
 
 def _sweep_notebook(args: argparse.Namespace) -> int:
@@ -325,6 +367,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="YAML mapping of notebook parameters to lists of values")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument(
+        "--store",
+        help="a results store (tdpo_lab.runs.store): skip runs stored there, store the finished ones, report from it",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -343,10 +389,20 @@ def make_parser() -> argparse.ArgumentParser:
         help="per-method grids, e.g. 'dpo=0.1,0.3,1;tdpo2=0.03,0.1' (default: tdpo_lab.runs.study.FRONTIER_BETAS)",
     )
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument(
+        "--grid",
+        choices=("betas", "retrain"),
+        default="betas",
+        help="betas: --betas (DPO, TDPO1, TDPO2); retrain: tdpo_lab.runs.study.STUDY_GRID, every method, eval every 40",
+    )
     p.add_argument("--jobs", type=int, default=2, help="points trained at once")
     p.add_argument("--out", default="runs/frontier", help="run root of the study's runs")
     p.add_argument("--report", help="folder of frontier_study.md / .png (default: --out)")
     p.add_argument("--collect-only", action="store_true", help="only write the report from finished runs")
+    p.add_argument(
+        "--store",
+        help="a results store (tdpo_lab.runs.store): skip runs stored there, store the finished ones, report from it",
+    )
     p.set_defaults(func=cmd_frontier_study)
 
     p = sub.add_parser("reproduce", help="the main job: execute every notebook in order into --out")
@@ -386,6 +442,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebooks", help="folder of the chapters (default: the checkout's notebooks/)")
     p.add_argument("--out", help="folder of the student notebooks (default: exercises/ beside the chapters)")
     p.set_defaults(func=cmd_exercises)
+
+    p = sub.add_parser("store", help="copy finished runs' summaries (no weights) into a results store")
+    p.add_argument(
+        "roots", nargs="+", metavar="RUN_ROOT", help="folders holding run folders (or run folders)"
+    )
+    p.add_argument("--into", required=True, help="the store, e.g. results/tiny")
+    p.set_defaults(func=cmd_store)
+
+    p = sub.add_parser(
+        "claims", help="one verdict per claim of the papers from the runs (or store) under ROOT"
+    )
+    p.add_argument("root")
+    p.add_argument("--out", help="folder of claims.md (default: ROOT)")
+    p.set_defaults(func=cmd_claims)
 
     p = sub.add_parser("collect", help="collect the runs under ROOT into a results table and figures")
     p.add_argument("root")

@@ -45,6 +45,7 @@ __all__ = [
     "evaluate_policy",
     "evaluate_samples",
     "pair_seqkl",
+    "per_prompt_values",
     "response_stats",
 ]
 
@@ -232,6 +233,29 @@ def aggregate_samples(samples: pd.DataFrame) -> dict:
     }
 
 
+def per_prompt_values(samples: pd.DataFrame) -> dict:
+    """Per-prompt values of a :func:`evaluate_samples` table, for error bars that resample prompts.
+
+    ``prompt_ids`` (sorted, the order of the other lists), ``reward_per_prompt`` and ``kl_seq_per_prompt``
+    (means over that prompt's samples), ``entropy_per_prompt`` (that prompt's per-token entropy, pooled over
+    its samples as ``entropy`` is over all of them): lists of python floats (6 significant digits), one per
+    prompt.
+    """
+    groups = samples.groupby("prompt_id", sort=True)
+    entropy = groups["entropy_sum"].sum() / groups["n_tokens"].sum()
+    return {
+        "prompt_ids": [int(i) for i in groups.size().index],
+        "reward_per_prompt": _rounded(groups["reward"].mean()),
+        "kl_seq_per_prompt": _rounded(groups["kl_seq"].mean()),
+        "entropy_per_prompt": _rounded(entropy),
+    }
+
+
+def _rounded(values) -> list[float]:
+    # 6 significant digits: far below any prompt-to-prompt spread, and half the bytes of a committed store
+    return [float(f"{float(v):.6g}") for v in values]
+
+
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     """Distinct-n: number of unique n-grams / total number of n-grams, pooled over all sequences.
 
@@ -263,6 +287,7 @@ def pair_seqkl(
     batch_size: int = 32,
     progress: bool = False,
     beta: float | None = None,
+    per_pair: bool = False,
 ) -> dict:
     """Mean TDPO SeqKL of held-out chosen and rejected responses: ``kl_seq_chosen``, ``kl_seq_rejected``.
 
@@ -276,6 +301,11 @@ def pair_seqkl(
     log-ratio, unweighted for every method so that runs compare): ``pair_accuracy``, the share of pairs whose
     margin beta * (sum r_t(chosen) - sum r_t(rejected)) is > 0 (a tie counts as wrong, as TRL's
     ``rewards/accuracies``: 0.0 at pi_theta = pi_ref), and ``pair_margin``, the mean margin.
+
+    With ``per_pair``, also each pair's values in row order, for error bars that resample pairs:
+    ``kl_seq_chosen_per_pair``, ``kl_seq_rejected_per_pair`` and ``pair_prompt_ids`` (the pair's
+    ``prompt_id`` column, else an index of its distinct prompt texts: pairs of one prompt are resampled together);
+    values to 6 significant digits.
     """
     _check_pairs(pairs)
     chosen, rejected, margins = [], [], []
@@ -308,6 +338,14 @@ def pair_seqkl(
         margin = beta * torch.cat(margins)
         result["pair_accuracy"] = float((margin > 0).double().mean())
         result["pair_margin"] = float(margin.mean())
+    if per_pair:
+        if "prompt_id" in pairs.columns:
+            prompt_ids = [int(i) for i in pairs["prompt_id"]]
+        else:
+            prompt_ids = [int(i) for i in pd.factorize(pairs["prompt"])[0]]
+        result["kl_seq_chosen_per_pair"] = _rounded(torch.cat(chosen))
+        result["kl_seq_rejected_per_pair"] = _rounded(torch.cat(rejected))
+        result["pair_prompt_ids"] = prompt_ids
     return result
 
 
@@ -326,6 +364,8 @@ def evaluate_policy(
     seed: int = 0,
     progress: bool = False,
     pair_beta: float | None = None,
+    per_prompt: bool = False,
+    keep_samples: int = 0,
 ) -> dict:
     """One point of the reward-vs-KL frontier: a dict of python numbers (JSON-ready, one eval.jsonl line).
 
@@ -342,6 +382,11 @@ def evaluate_policy(
     Your own pairs (:mod:`tdpo_lab.products.user_pairs`): ``reward=None`` (no reward model) skips the samples and
     reports only the held-out pairs, and ``pair_beta`` adds ``pair_accuracy`` and ``pair_margin``
     (:func:`pair_seqkl`).
+
+    ``per_prompt``: also the per-prompt lists of :func:`per_prompt_values` and the per-pair lists of
+    :func:`pair_seqkl` (what the runs log, for the bootstrap of :mod:`tdpo_lab.runs.bootstrap`). ``keep_samples``:
+    also ``samples``, the first sample of each of the first that many prompts, as dicts of prompt_id, sample_id, prompt,
+    continuation, reward, kl_seq (a run writes them to its ``samples.jsonl``, not to ``eval.jsonl``).
     """
     result = {}
     if reward is not None:
@@ -349,13 +394,29 @@ def evaluate_policy(
             policy, reference, tokenizer, reward, prompts, cfg, seed=seed, progress=progress
         )
         result = aggregate_samples(samples)
+        if per_prompt:
+            result.update(per_prompt_values(samples))
+        if keep_samples > 0:
+            shown = samples[samples["sample_id"] == 0].head(keep_samples)
+            keys = ("prompt_id", "sample_id", "prompt", "continuation", "reward", "kl_seq")
+            result["samples"] = [
+                {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+                for row in shown[list(keys)].to_dict("records")
+            ]
     elif pairs is None:
         raise ValueError("nothing to evaluate: no reward model (reward=None) and no held-out pairs")
     if pairs is not None:
         batch_size = max(1, cfg.sample_batch_size // 2)  # two rows (chosen, rejected) per pair
         result.update(
             pair_seqkl(
-                policy, reference, tokenizer, pairs, batch_size=batch_size, progress=progress, beta=pair_beta
+                policy,
+                reference,
+                tokenizer,
+                pairs,
+                batch_size=batch_size,
+                progress=progress,
+                beta=pair_beta,
+                per_pair=per_prompt,
             )
         )
     if cfg.eval_topk > 0 and reward is not None:

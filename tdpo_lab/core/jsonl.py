@@ -7,6 +7,7 @@ twice, and :func:`dedupe_steps` keeps its last record; :func:`truncate_jsonl` dr
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import warnings
@@ -44,13 +45,19 @@ def read_jsonl_tolerant(path: str | os.PathLike, *, warn: bool = False) -> tuple
     """Records of a JSON-lines file and the number of lines skipped because they do not parse.
 
     A run killed while writing leaves a truncated last line (and a resumed run may append after it); such
-    lines are skipped rather than failing the whole table. A missing file gives ``([], 0)``.
+    lines are skipped rather than failing the whole table. A missing file gives ``([], 0)``; where only
+    ``<path>.gz`` exists (a results store compresses ``metrics.jsonl``, :mod:`tdpo_lab.runs.store`), that is read.
     """
     path = Path(path)
-    if not path.exists():
+    packed = path.with_name(path.name + ".gz")
+    if not path.exists() and packed.exists():
+        text = gzip.decompress(packed.read_bytes()).decode()
+    elif path.exists():
+        text = path.read_text()
+    else:
         return [], 0
     records, bad = [], 0
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if not line.strip():
             continue
         try:

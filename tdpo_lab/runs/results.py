@@ -36,7 +36,9 @@ CONFIG_COLUMNS = ("method", "beta", "alpha", "seed", "profile")
 SETTING = ["method", "beta", "alpha"]
 
 
-def collect(root: str | os.PathLike, *, config_columns: Sequence[str] = CONFIG_COLUMNS) -> pd.DataFrame:
+def collect(
+    root: str | os.PathLike, *, config_columns: Sequence[str] = CONFIG_COLUMNS, per_prompt: bool = False
+) -> pd.DataFrame:
     """One row per (run, evaluation step) over every run folder under ``root`` (``root`` itself may be one).
 
     A run folder is a directory whose ``config.json`` is a kit config (it has a ``method`` key; the
@@ -44,6 +46,10 @@ def collect(root: str | os.PathLike, *, config_columns: Sequence[str] = CONFIG_C
     (the folder relative to ``root``), ``config_columns`` from config.json (method, beta, alpha, seed,
     profile), ``step``, then every key of the evaluation records, and ``path``. Folders without any
     evaluation are skipped with one warning that counts them; unreadable lines are skipped with a warning.
+    ``root`` may also be a results store (:mod:`tdpo_lab.runs.store`): it holds the same files.
+
+    List values of the records (per prompt and per held-out pair: ``reward_per_prompt``, ``prompt_ids``, ...)
+    become columns of lists only with ``per_prompt`` (for :mod:`tdpo_lab.runs.bootstrap`); otherwise they are left out.
     """
     root = Path(root)
     if not root.exists():
@@ -73,7 +79,9 @@ def collect(root: str | os.PathLike, *, config_columns: Sequence[str] = CONFIG_C
                 row[key] = config.get(key, record.get(key))
             row["setting"] = setting_key(config)
             row["step"] = record.get("step")
-            row.update({k: v for k, v in record.items() if k not in row})
+            row.update(
+                {k: v for k, v in record.items() if k not in row and (per_prompt or not isinstance(v, list))}
+            )
             row["path"] = str(run.path)
             rows.append(row)
     if skipped:

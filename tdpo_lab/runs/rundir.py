@@ -7,7 +7,9 @@ A run folder (one per method, hyper-parameters and seed) holds::
                        and the full package list (write_env)
     metrics.jsonl      one line per training step (docs/methods.md section 3 names: loss, rewards/margins, ...)
     eval.jsonl         one line per evaluation step: step, method, beta, alpha, seed and the keys of
-                       tdpo_lab.core.evaluate.evaluate_policy (reward, kl_seq, kl_logratio, entropy, ...)
+                       tdpo_lab.core.evaluate.evaluate_policy (reward, kl_seq, kl_logratio, entropy, ...; lists
+                       per prompt and per held-out pair: reward_per_prompt, kl_seq_chosen_per_pair, ...)
+    samples.jsonl      a few samples of each evaluation (step, prompt, continuation, reward, kl_seq)
     checkpoint/        resumable training state (checkpoint/state.pt) while the run trains
     policy/            the trained policy, written last: its presence means "finished" (tdpo_lab.core.export:
                        save_pretrained files, generation_config.json, a model card README.md)
@@ -23,6 +25,7 @@ warning; if a step was logged twice (a resumed run), the last record of that ste
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import json
 import os
 import platform
@@ -70,6 +73,7 @@ class RunDir:
     ENV = "env.json"
     METRICS = "metrics.jsonl"
     EVAL = "eval.jsonl"
+    SAMPLES = "samples.jsonl"
     CHECKPOINT = "checkpoint"
     POLICY = "policy"
 
@@ -124,6 +128,10 @@ class RunDir:
         return self.path / self.EVAL
 
     @property
+    def samples_path(self) -> Path:
+        return self.path / self.SAMPLES
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.path / self.CHECKPOINT
 
@@ -158,10 +166,14 @@ class RunDir:
     def log_eval(self, step: int, result: dict, cfg=None) -> dict:
         """Append one evaluation to ``eval.jsonl``: step, method, beta, alpha, seed, then ``result``.
 
-        ``cfg`` defaults to this folder's ``config.json``. Returns the record written.
+        ``cfg`` defaults to this folder's ``config.json``. Returns the record written. A ``samples`` list in
+        ``result`` goes to ``samples.jsonl`` instead (one line per sample, with the step).
         """
         config = _config_dict(cfg) if cfg is not None else self.config()
         record = {"step": int(step), **{k: config.get(k) for k in ("method", "beta", "alpha", "seed")}}
+        result = dict(result)
+        for sample in result.pop("samples", None) or []:
+            append_jsonl(self.samples_path, {"step": int(step), **_plain(sample)})
         record.update(_plain(result))
         append_jsonl(self.eval_path, record)
         return record
@@ -199,13 +211,14 @@ class RunDir:
         write_json(path, record)
 
     def clear_logs(self) -> None:
-        """Delete ``metrics.jsonl`` and ``eval.jsonl``: a run starting from step 0 writes them anew."""
+        """Delete ``metrics.jsonl``, ``eval.jsonl`` and ``samples.jsonl``: a run from step 0 writes them anew."""
         self.metrics_path.unlink(missing_ok=True)
         self.eval_path.unlink(missing_ok=True)
+        self.samples_path.unlink(missing_ok=True)
 
     def truncate_logs(self, step: int) -> None:
         """Keep only the log lines up to ``step`` (a resumed run redoes everything after its checkpoint)."""
-        for path in (self.metrics_path, self.eval_path):
+        for path in (self.metrics_path, self.eval_path, self.samples_path):
             truncate_jsonl(path, step)
 
     def save_policy(self, model, tokenizer) -> None:

@@ -39,6 +39,21 @@ FRONTIER_BETAS: dict[str, tuple[float, ...]] = {
 }
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the largest KL both envelopes reach
 
+# The retrained tiny study (issue 18; plan and time estimate in benchmarks/README.md, "The retrained tiny
+# study"): every method at three settings or more, TDPO2 also over alpha (the KL term's weight relative to the
+# margin) so that its curves can reach DPO's KLs; three seeds, an evaluation every STUDY_EVAL_EVERY steps.
+# Per method: "beta" values, and "alpha" values where the method reads alpha (None: the profile's alpha).
+STUDY_GRID: dict[str, dict[str, tuple[float, ...] | None]] = {
+    "dpo": {"beta": (0.1, 0.3, 1.0, 3.0), "alpha": None},
+    "tdpo1": {"beta": (0.1, 0.3, 1.0), "alpha": None},
+    "tdpo2": {"beta": (0.03, 0.1, 0.3), "alpha": (0.1, 0.25, 0.5)},
+    "attnpo": {"beta": (0.1, 0.3, 1.0), "alpha": None},
+    "tidpo": {"beta": (0.1, 0.3, 1.0), "alpha": None},
+    "ipo": {"beta": (0.1, 0.3, 1.0), "alpha": None},
+}
+STUDY_SEEDS = (0, 1, 2)
+STUDY_EVAL_EVERY = 40  # a new config value for these runs: new run names (the old study's runs keep theirs)
+
 
 def parse_betas(text: str) -> dict[str, tuple[float, ...]]:
     """``'dpo=0.1,0.3;tdpo2=0.03,0.1'`` -> per-method grids; empty text -> :data:`FRONTIER_BETAS`."""
@@ -75,6 +90,24 @@ def study_configs(
     which already give every envelope, rather than every seed of its first methods only.
     """
     return [make(method=m, beta=b, seed=s) for s in seeds for m, betas in grid.items() for b in betas]
+
+
+def grid_configs(
+    make: Callable[..., Config],
+    grid: Mapping[str, Mapping[str, Sequence[float] | None]] | None = None,
+    seeds: Sequence[int] = STUDY_SEEDS,
+    **fixed,
+) -> list[Config]:
+    """``make(method=, beta=, [alpha=,] seed=, **fixed)`` for every point of ``grid`` (default
+    :data:`STUDY_GRID`), seed by seed like :func:`study_configs`; alpha only where the grid gives one."""
+    grid = STUDY_GRID if grid is None else grid
+    configs = []
+    for s in seeds:
+        for method, knobs in grid.items():
+            for alpha in knobs.get("alpha") or (None,):
+                extra = {} if alpha is None else {"alpha": alpha}
+                configs += [make(method=method, beta=b, seed=s, **extra, **fixed) for b in knobs["beta"]]
+    return configs
 
 
 # --- envelopes ---------------------------------------------------------------------------------------------
@@ -300,6 +333,8 @@ def write_study(root: str | os.PathLike, grid: Mapping[str, Sequence[float]], ou
 
 __all__ = [
     "FRONTIER_BETAS",
+    "STUDY_GRID",
+    "grid_configs",
     "compare_frontiers",
     "dominance_verdict",
     "envelope",

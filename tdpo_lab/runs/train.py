@@ -42,6 +42,8 @@ from tdpo_lab.products.sft import load_reference, train_sft
 from tdpo_lab.runs.rundir import RunDir
 from tdpo_lab.runs.trackers import open_tracker
 
+KEEP_SAMPLES = 4  # samples per evaluation kept in a run's samples.jsonl (to read, not to compute with)
+
 REFERENCE_EVAL_FILE = "reference_eval.json"
 
 
@@ -116,6 +118,8 @@ def _evaluate(policy, reference, tokenizer, reward, prompts, heldout, cfg: Confi
         seed=cfg.seed,
         **_pair_beta(cfg),
         progress=progress,
+        per_prompt=True,  # per-prompt and per-pair values: error bars that resample prompts
+        keep_samples=KEEP_SAMPLES,
     )
 
 
@@ -136,10 +140,19 @@ def reference_evaluation(
         result = _evaluate(reference, reference, tokenizer, reward, prompts, heldout, cfg, progress=progress)
         write_json(folder / REFERENCE_EVAL_FILE, result)
 
+    def load(folder: Path) -> dict:
+        result = json.loads((folder / REFERENCE_EVAL_FILE).read_text())
+        # one built by an older kit has only means: it is rebuilt (with a warning), not logged without them
+        wanted = {"prompt_ids": reward is not None, "pair_prompt_ids": heldout is not None}
+        missing = [k for k, needed in wanted.items() if needed and k not in result]
+        if missing:
+            raise ValueError(f"it lacks the per-prompt values {missing} (built by an older tdpo_lab)")
+        return result
+
     return fetch(
         (plan or Plan(cfg)).entry("eval_ref"),
         build,
-        lambda folder: json.loads((folder / REFERENCE_EVAL_FILE).read_text()),
+        load,
         what="reference evaluation cache",
     )
 
