@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tdpo_lab.lora import TrainableState
 from tdpo_lab.rundir import truncate_jsonl
 from tdpo_lab.utils import append_jsonl, load_training_state, progress_off, save_training_state
 
@@ -75,6 +76,7 @@ class TrainingLoop:
     accelerator: object = None  # an accelerate.Accelerator; None: this process alone, plain torch
     grad_accum_steps: int = 1
     on_record: Callable[[dict], None] | None = None  # called with every line written to logs[0] (trackers)
+    trainable_only: bool = False  # checkpoints hold only the parameters that require grad (LoRA: the adapter)
 
     @property
     def is_main(self) -> bool:
@@ -84,6 +86,11 @@ class TrainingLoop:
     def raw_model(self) -> torch.nn.Module:
         """The model without its DDP wrapper: what checkpoints hold."""
         return self.model if self.accelerator is None else self.accelerator.unwrap_model(self.model)
+
+    @property
+    def _saved(self):
+        """What a checkpoint holds of the model: all of it, or its trainable part (the frozen rest is pi_ref's)."""
+        return TrainableState(self.raw_model) if self.trainable_only else self.raw_model
 
     def run(
         self,
@@ -127,7 +134,7 @@ class TrainingLoop:
         if self.checkpoint_path.exists():  # every process reads it; nothing writes it before the first step
             step = load_training_state(
                 self.checkpoint_path,
-                self.raw_model,
+                self._saved,
                 self.optimizer,
                 self.scheduler,
                 device,
@@ -216,7 +223,7 @@ class TrainingLoop:
         if (step % self.checkpoint_every == 0 or evaluated) and step < self.total_steps:
             save_training_state(
                 self.checkpoint_path,
-                self.raw_model,
+                self._saved,
                 self.optimizer,
                 self.scheduler,
                 step,
