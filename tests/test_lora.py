@@ -241,6 +241,7 @@ def test_cli_run_with_lora_trains_and_saves_a_merged_model(imdb_path, tmp_path):
     evals = read_jsonl(tmp_path / "r" / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 1, 2]
     assert evals[-1]["kl_seq"] > 0  # the policy left pi_ref
+    assert "| LoRA | r 8, alpha 16" in (tmp_path / "r" / "policy" / "README.md").read_text()  # the model card
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "policy")
     assert not any("lora" in k for k in model.state_dict())
 
