@@ -53,11 +53,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from tdpo_lab.config import load_config
     from tdpo_lab.core.evaluate import evaluate_policy
-    from tdpo_lab.methods.attnpo_judge import attention_weights
     from tdpo_lab.core.models import load_model
+    from tdpo_lab.core.smol import SMOL_MODEL, smol_missing
+    from tdpo_lab.methods.attnpo_judge import attention_weights
     from tdpo_lab.products.reward import get_reward
     from tdpo_lab.products.sft import load_reference
-    from tdpo_lab.core.smol import SMOL_MODEL, smol_missing
     from tdpo_lab.products.tokenizer import load_tokenizer
     from tdpo_lab.runs.train import compute_loss, evaluation_prompts
 

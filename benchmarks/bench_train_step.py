@@ -29,12 +29,12 @@ from tdpo_lab.config import load_config
 from tdpo_lab.core.data import clean_text, load_imdb, make_prefixes
 from tdpo_lab.core.generation import sample_ids, sample_ids_fast
 from tdpo_lab.core.kv_steps import GPT2Steps
+from tdpo_lab.core.models import build_model
+from tdpo_lab.core.utils import seed_everything
 from tdpo_lab.methods import method_names
 from tdpo_lab.methods.attnpo_judge import attention_weights
-from tdpo_lab.core.models import build_model
 from tdpo_lab.products.tokenizer import get_tokenizer
 from tdpo_lab.runs.train import compute_loss
-from tdpo_lab.core.utils import seed_everything
 
 TARGETS = {"dpo": 1.0, "tdpo1": None, "tdpo2": 1.15, "attnpo": 1.05, "tidpo": 1.8}
 

@@ -22,15 +22,15 @@ import time
 
 import datasets
 import torch
+from tdpo_lab.user_pairs import export_pairs
 from trl import DPOConfig
 
 from tdpo_lab.config import load_config
+from tdpo_lab.core.loop import batch_schedule
+from tdpo_lab.core.models import load_model
 from tdpo_lab.integrations.trl import kit_tokenize
-from tdpo_lab.loop import batch_schedule
-from tdpo_lab.models import load_model
 from tdpo_lab.products.sft import load_reference, train_sft
 from tdpo_lab.runs.train import compute_loss
-from tdpo_lab.user_pairs import export_pairs
 
 
 def main() -> None:

@@ -205,6 +205,12 @@ class Config:
     eval_every: int = 80  # evaluate every k steps (and at step 0 and the last step)
     checkpoint_every: int = 40
     chunk_size: int = 0  # rows per chunk in token_stats; 0 = automatic
+    # LoRA (tdpo_lab.core.lora, README "LoRA"): lora_r > 0 trains a rank-r adapter (peft) on the SFT model instead of
+    # every weight; pi_ref is the same model with the adapter switched off, and the saved policy is merged.
+    lora_r: int = 0  # 0 = off: full fine-tuning
+    lora_alpha: float = 16.0  # the adapter's output is scaled by lora_alpha / lora_r (2 at r = 8)
+    lora_dropout: float = 0.0  # dropout on the adapter's input (the base model keeps none)
+    lora_target_modules: str = ""  # "" = peft's default for the architecture, "all-linear", or "name,name,..."
 
     # --- evaluation ---------------------------------------------------------------------------
     eval_prompts: int = 64  # held-out test prefixes (x eval_samples samples: 256 on the tiny profile)
@@ -357,6 +363,10 @@ LATE_FIELDS: dict[str, object] = {
     "heldout_share": 0.1,
     "grad_accum_steps": 1,
     "mixed_precision": "no",
+    "lora_r": 0,
+    "lora_alpha": 16.0,
+    "lora_dropout": 0.0,
+    "lora_target_modules": "",
 }
 
 NO_REWARD = "none"  # the reward key's value for "no reward model" (allowed with your own pairs only)
@@ -501,6 +511,15 @@ def _validate(cfg: Config) -> None:
         (cfg.max_train_reviews >= 0, "max_train_reviews", ">= 0 (0 = all)"),
         (cfg.chunk_size >= 0, "chunk_size", ">= 0 (0 = automatic)"),
         (0.0 < cfg.heldout_share < 1.0, "heldout_share", "in (0, 1): some pairs to train on, some held out"),
+        (cfg.lora_r >= 0, "lora_r", ">= 0 (0 = no LoRA: full fine-tuning)"),
+        (cfg.lora_alpha > 0, "lora_alpha", "> 0"),
+        (0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "in [0, 1)"),
+        (
+            cfg.lora_target_modules.strip() in ("", "all-linear")
+            or all(name.strip() for name in cfg.lora_target_modules.split(",")),
+            "lora_target_modules",
+            "'' (peft's default), 'all-linear' or comma-separated module names such as 'c_attn,c_proj'",
+        ),
     ]
     positive = [
         "n_layer",

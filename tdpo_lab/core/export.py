@@ -238,6 +238,15 @@ def _settings(cfg: Mapping, method, positions: int | None) -> list[tuple[str, st
         ),
         ("seed", f"{cfg['seed']} (data seed {cfg.get('data_seed', 0)})"),
     ]
+    if cfg.get("lora_r"):  # a LoRA run (tdpo_lab.core.lora): the adapter is merged into the saved weights
+        targets = cfg.get("lora_target_modules") or "peft's default"
+        rows.append(
+            (
+                "LoRA",
+                f"r {cfg['lora_r']}, alpha {cfg['lora_alpha']:g}, dropout {cfg['lora_dropout']:g}, "
+                f"targets {targets}; merged into these weights",
+            )
+        )
     return rows
 
 

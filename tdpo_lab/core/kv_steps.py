@@ -66,7 +66,8 @@ class GPT2Steps:
     ``c_fc``, the model's own activation module, ``c_proj``, then ``ln_f`` at the last column and the output
     layer, called as a module (hooks on it apply).
 
-    Applies to a GPT-2 without hooks on the model or inside its transformer (they would be skipped; the
+    Applies to a GPT-2 whose block layers are plain Conv1D (not LoRA-wrapped), without hooks on the model or
+    inside its transformer (they would be skipped; the
     output-capturing hooks transformers 5 installs for good once ``output_hidden_states`` was asked for do
     nothing unless a forward collects outputs, so they do not count) and with the default attention options (``scale_attn_weights``, no ``scale_attn_by_inverse_layer_idx``, no
     ``reorder_and_upcast_attn``, no cross-attention); anything else takes :class:`ModelSteps`.
@@ -82,6 +83,12 @@ class GPT2Steps:
             and not getattr(c, "reorder_and_upcast_attn", True)
             and not getattr(c, "add_cross_attention", True)
             and not any(_foreign_hooks(m) for m in (model, *body.modules()))
+            # the written-out blocks read the layers' weights: a LoRA-wrapped layer computes more than them
+            and all(
+                type(layer).__name__ == "Conv1D"
+                for b in body.h
+                for layer in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
+            )
         )
 
     def __init__(self, model, mask: torch.Tensor):

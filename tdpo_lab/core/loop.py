@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tdpo_lab.core.jsonl import JsonlSteps
+from tdpo_lab.core.lora import TrainableState
 from tdpo_lab.core.utils import load_training_state, progress_off, save_training_state
 
 StepFn = Callable[[int, int], tuple[torch.Tensor, dict]]  # (step, part) -> (loss of the part, metrics)
@@ -77,6 +78,8 @@ class TrainingLoop:
     grad_accum_steps: int = 1
     on_record: Callable[[dict], None] | None = None  # called with every line appended to log (trackers)
 
+    trainable_only: bool = False  # checkpoints hold only the parameters that require grad (LoRA: the adapter)
+
     def __post_init__(self) -> None:
         if isinstance(self.log, (list, tuple)):
             self.log = JsonlSteps(*self.log)
@@ -89,6 +92,11 @@ class TrainingLoop:
     def raw_model(self) -> torch.nn.Module:
         """The model without its DDP wrapper: what checkpoints hold."""
         return self.model if self.accelerator is None else self.accelerator.unwrap_model(self.model)
+
+    @property
+    def _saved(self):
+        """What a checkpoint holds of the model: all of it, or its trainable part (the frozen rest is pi_ref's)."""
+        return TrainableState(self.raw_model) if self.trainable_only else self.raw_model
 
     def run(
         self,
@@ -132,7 +140,7 @@ class TrainingLoop:
         if self.checkpoint_path.exists():  # every process reads it; nothing writes it before the first step
             step = load_training_state(
                 self.checkpoint_path,
-                self.raw_model,
+                self._saved,
                 self.optimizer,
                 self.scheduler,
                 device,
@@ -220,7 +228,7 @@ class TrainingLoop:
         if (step % self.checkpoint_every == 0 or evaluated) and step < self.total_steps:
             save_training_state(
                 self.checkpoint_path,
-                self.raw_model,
+                self._saved,
                 self.optimizer,
                 self.scheduler,
                 step,

@@ -49,6 +49,8 @@ def saliency_weights(ctx: StepContext) -> tuple[Tensor, Tensor]:
     input_ids = ctx.batch["input_ids"].to(ctx.device)
     attention_mask = ctx.batch["attention_mask"].to(ctx.device)
     embeds = policy.get_input_embeddings()(input_ids)
+    if not embeds.requires_grad:  # a frozen embedding (LoRA): the saliency still differentiates w.r.t. it
+        embeds.requires_grad_(True)
     qkv: list[Tensor] = []  # the last block's c_attn output, kept by a hook during the forward
     hook = None
     if GPT2Steps.applies(policy) and not (policy.training and _has_dropout(policy)):

@@ -30,6 +30,7 @@ from tdpo_lab.core.distributed import accelerator_for, check_split, device_of, m
 from tdpo_lab.core.evaluate import evaluate_policy
 from tdpo_lab.core.logprobs import token_stats
 from tdpo_lab.core.loop import TrainingLoop, batch_schedule
+from tdpo_lab.core.lora import attach_lora
 from tdpo_lab.core.models import load_model
 from tdpo_lab.core.utils import (
     set_threads,
@@ -205,11 +206,17 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
             tokenizer, plan=plan, main=main, progress=progress
         )
         state = method_state(cfg, pairs, plan=plan, progress=progress)
-    reference = reference.to(device).requires_grad_(False)
-    policy = load_model(str(sft_folder)).to(device)
+    lora = None
+    if cfg.lora_r:  # one copy of the weights: the policy trains an adapter, pi_ref is the adapter switched off
+        lora = attach_lora(reference.to(device), cfg)
+        policy, reference = lora.policy, lora.reference
+    else:
+        reference = reference.to(device).requires_grad_(False)
+        policy = load_model(str(sft_folder)).to(device)
     policy.train()
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or LoRA's adapter
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(cfg.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     raw_policy = policy  # generation, evaluation and saving use the model itself, not its DDP wrapper
@@ -228,6 +235,7 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
         accelerator=acc,
         grad_accum_steps=cfg.grad_accum_steps,
         on_record=tracker.log_metrics,
+        trainable_only=lora is not None,
     )
 
     def step_fn(step: int, part: int):
@@ -274,6 +282,6 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
     if not finished:
         return run.path
     if main:
-        run.save_policy(raw_policy, tokenizer)
+        run.save_policy(lora.merged() if lora is not None else raw_policy, tokenizer)  # LoRA: merged, a plain model
     acc.wait_for_everyone()
     return run.path
