@@ -16,13 +16,8 @@ from tdpo_lab.config import ConfigError, load_config, result_fields
 from tdpo_lab.core.data import DataNotFoundError
 from tdpo_lab.core.evaluate import pair_seqkl
 from tdpo_lab.core.jsonl import read_jsonl
-from tdpo_lab.products.user_pairs import (
-    UserPairsError,
-    UserPairsWarning,
-    fit_to_context,
-    load_user_pairs,
-    split_user_pairs,
-)
+from tdpo_lab.products.pairs_source import fit_to_context, split_user_pairs
+from tdpo_lab.products.user_pairs import UserPairsError, UserPairsWarning, load_user_pairs
 from tdpo_lab.runs.rundir import RunConfigMismatch, run_name
 
 GOOD = ("a lovely film, I smiled all the way through.", "a dull film, I nearly left after an hour.")
