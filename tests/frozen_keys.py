@@ -1,6 +1,7 @@
 """The run-folder names and cache keys of a fixed set of configurations, recorded so a refactor cannot move them.
 
-``python tests/frozen_keys.py`` rewrites ``tests/data/frozen_keys.json`` (do it only when a change of key is
+``python tests/frozen_keys.py`` rewrites ``tests/data/frozen_keys.json`` (``--golden``: also each method's fast run in
+``tests/data/golden/<method>/``) (do it only when a change of key is
 intended, and say so in the commit); ``tests/test_frozen_keys.py`` recomputes and compares. Cache keys depend
 on the IMDb sample's fingerprint, so they are recorded against ``../shared/data/imdb``.
 """
@@ -68,10 +69,31 @@ def compute() -> list[dict]:
     return rows
 
 
+def record_golden() -> None:
+    """Each method's fast run (metrics.jsonl, eval.jsonl) into tests/data/golden/<method>/, from a fresh cache."""
+    import shutil
+    import tempfile
+
+    from tdpo_lab import load_config, method_names
+    from tdpo_lab.runs import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TDPO_LAB_CACHE"] = str(Path(tmp) / "cache")
+        for method in method_names():
+            run = train(load_config("tiny", fast=True, method=method), Path(tmp) / method, progress=False)
+            folder = RECORD.parent / "golden" / method
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                shutil.copyfile(run / name, folder / name)
+
+
 if __name__ == "__main__":
     os.environ.setdefault(
         "TDPO_LAB_IMDB", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb")
     )
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if "--golden" in sys.argv:  # each method's fast run too (a change of numbers on purpose)
+        record_golden()
     rows = compute()
     RECORD.parent.mkdir(parents=True, exist_ok=True)
     RECORD.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")

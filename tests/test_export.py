@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tdpo_lab.config import load_config
-from tdpo_lab.core.export import CARD, model_card, save_model
+from tdpo_lab.core.export import CARD, MethodInfo, model_card, save_model
 
 SIZES = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64, "eval_max_new_tokens": 12}
 
@@ -40,7 +40,10 @@ def saved(tiny_model, tiny_tokenizer, tmp_path):
     cfg = load_config("tiny", fast=True, method="tdpo2", beta=0.2, alpha=0.3, **SIZES)
     model = tiny_model(**{k: v for k, v in SIZES.items() if k != "eval_max_new_tokens"})
     metrics = {"pi_ref (step 0)": {"reward": 0.5, "kl_seq": 0.0}, "policy (step 12)": {"reward": 0.75}}
-    folder = save_model(model, tiny_tokenizer, tmp_path / "policy", cfg, kind="policy", metrics=metrics)
+    method = MethodInfo("tdpo2", "TDPO2", ("alpha",), "Zeng et al. 2024")
+    folder = save_model(
+        model, tiny_tokenizer, tmp_path / "policy", cfg, kind="policy", metrics=metrics, method=method
+    )
     return cfg, model, folder
 
 

@@ -85,7 +85,7 @@ def test_the_logged_learning_rate_is_the_rate_the_steps_update_used(tmp_path):
         sched,
         total_steps=5,
         checkpoint_path=tmp_path / "ckpt.pt",
-        logs=[tmp_path / "log.jsonl"],
+        log=[tmp_path / "log.jsonl"],
         eval_every=100,
         checkpoint_every=100,
         max_grad_norm=1e9,  # no clipping: the update is exactly -rate * grad

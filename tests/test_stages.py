@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 
-from tdpo_lab.cache import store as stages
 from tdpo_lab.cache.plan import STAGES, Plan
 from tdpo_lab.cache.store import CacheError, CacheWarning, Entry, Stage, fetch
 from tdpo_lab.config import load_config
@@ -175,7 +174,7 @@ def test_split_fingerprint_is_kept_until_the_file_changes(imdb_path, tmp_path, m
         pd.read_parquet(imdb_path / f"{split}.parquet").iloc[:50].to_parquet(folder / f"{split}.parquet")
     calls = []
     real = data_mod.dataset_fingerprint
-    monkeypatch.setattr(stages, "dataset_fingerprint", lambda ds: calls.append(1) or real(ds))
+    monkeypatch.setattr(data_mod, "dataset_fingerprint", lambda ds: calls.append(1) or real(ds))
     first = data_mod.split_fingerprint("train", folder)
     assert data_mod.split_fingerprint("train", folder) == first and len(calls) == 1
     pd.read_parquet(imdb_path / "train.parquet").iloc[:40].to_parquet(folder / "train.parquet")
@@ -381,7 +380,7 @@ def test_a_cached_train_call_fingerprints_each_split_once(built, tmp_path, monke
     for module in [m for name, m in sys.modules.items() if name.startswith("tdpo_lab")]:
         if hasattr(module, "dataset_fingerprint"):  # wherever it was imported, count it
             monkeypatch.setattr(module, "dataset_fingerprint", counting)
-    monkeypatch.setattr(stages, "_FINGERPRINTS", {})
+    monkeypatch.setattr(data_mod, "_FINGERPRINTS", {})
     reward_mod._reward_for.cache_clear()
     train(cfg, tmp_path / "again", progress=False)  # every stage cached: only the run is new
     assert sorted(collections.Counter(results).values()) == [1, 1]  # train and test split, once each

@@ -94,7 +94,7 @@ def test_trl_dpo_trainer_equals_the_kits_dpo_run(tiny_model, tiny_tokenizer, tmp
         torch.optim.lr_scheduler.LambdaLR(opt, kit_rate),
         total_steps=STEPS,
         checkpoint_path=tmp_path / "kit" / "state.pt",
-        logs=[tmp_path / "kit" / "metrics.jsonl"],
+        log=[tmp_path / "kit" / "metrics.jsonl"],
         eval_every=1000,
         checkpoint_every=1000,
         max_grad_norm=1.0,

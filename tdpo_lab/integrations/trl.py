@@ -250,7 +250,7 @@ class KitDPOTrainer(DPOTrainer):
 
 def method_alpha(method: Method) -> float:
     """The ``alpha`` a method reads by default (its knob), else 0.0 (the method ignores it)."""
-    return float(method.knobs.get("alpha", 0.0))
+    return float(method.knobs["alpha"].default) if "alpha" in method.knobs else 0.0
 
 
 def _tokenized(dataset, tokenizer):

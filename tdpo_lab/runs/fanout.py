@@ -63,7 +63,6 @@ def train_points(
     failures: list[tuple[str, BaseException]] = []
     total = len(configs)
     if jobs == 1 or total <= 1:
-    
         for i, (cfg, out) in enumerate(zip(configs, outs, strict=True), 1):
             print(f"[{i}/{total}] {Path(out).name}", flush=True)
             try:

@@ -207,7 +207,9 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
         )
         state = method_state(cfg, pairs, plan=plan, progress=progress)
     lora = None
-    if cfg.lora_r:  # one copy of the weights: the policy trains an adapter, pi_ref is the adapter switched off
+    if (
+        cfg.lora_r
+    ):  # one copy of the weights: the policy trains an adapter, pi_ref is the adapter switched off
         lora = attach_lora(reference.to(device), cfg)
         policy, reference = lora.policy, lora.reference
     else:
@@ -282,6 +284,8 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
     if not finished:
         return run.path
     if main:
-        run.save_policy(lora.merged() if lora is not None else raw_policy, tokenizer)  # LoRA: merged, a plain model
+        run.save_policy(
+            lora.merged() if lora is not None else raw_policy, tokenizer
+        )  # LoRA: merged, a plain model
     acc.wait_for_everyone()
     return run.path
