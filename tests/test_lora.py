@@ -9,10 +9,10 @@ import torch
 from cli_args import small_cli_args
 
 from tdpo_lab.config import LATE_FIELDS, ConfigError, load_config
+from tdpo_lab.core.jsonl import read_jsonl
 from tdpo_lab.core.kv_steps import GPT2Steps, cached_steps
 from tdpo_lab.core.lora import AdapterOff, TrainableState, attach_lora, target_modules
 from tdpo_lab.core.models import build_model
-from tdpo_lab.core.jsonl import read_jsonl
 from tdpo_lab.core.utils import CheckpointError
 from tdpo_lab.methods import get_method, preference_loss
 from tdpo_lab.methods.tidpo import _response_logps

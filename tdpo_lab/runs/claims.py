@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tdpo_lab.methods import method_label
 from tdpo_lab.runs.bootstrap import N_BOOT, at_kl, bootstrap, checkpoint_arrays
 from tdpo_lab.runs.frontier import envelope_overstatement, frontier_data, isotonic_at, kl_range
-from tdpo_lab.methods import method_label
 from tdpo_lab.runs.results import collect, verdict
 
 __all__ = [

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 
 from tdpo_lab.config import result_fields
-from tdpo_lab.methods import method_label, method_rank, reads_knob
-from tdpo_lab.runs.rundir import RunDir
 from tdpo_lab.core.jsonl import dedupe_steps, read_jsonl_tolerant
 from tdpo_lab.core.utils import stable_hash
+from tdpo_lab.methods import method_label, method_rank, reads_knob
+from tdpo_lab.runs.rundir import RunDir
 
 __all__ = [
     "collect",

@@ -25,7 +25,6 @@ warning; if a step was logged twice (a resumed run), the last record of that ste
 from __future__ import annotations
 
 import datetime as _dt
-import gzip
 import json
 import os
 import platform
@@ -33,7 +32,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +40,10 @@ import tdpo_lab
 from tdpo_lab.config import result_fields
 from tdpo_lab.core.distributed import world_size
 from tdpo_lab.core.export import MethodInfo, save_model
-from tdpo_lab.methods import get_method, reads_knob
-from tdpo_lab.products.pairs_source import pairs_source
 from tdpo_lab.core.jsonl import append_jsonl, dedupe_steps, read_jsonl_tolerant, truncate_jsonl
 from tdpo_lab.core.utils import exclusive_lock, stable_hash, write_json
+from tdpo_lab.methods import get_method, reads_knob
+from tdpo_lab.products.pairs_source import pairs_source
 
 __all__ = [
     "RunConfigMismatch",

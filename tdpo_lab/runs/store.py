@@ -29,8 +29,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from tdpo_lab.runs.rundir import RunDir
 from tdpo_lab.core.utils import atomic_path, write_json
+from tdpo_lab.runs.rundir import RunDir
 
 __all__ = ["MARKER", "is_stored", "pending", "store_run", "store_runs", "stored_names"]
 
