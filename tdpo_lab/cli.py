@@ -32,6 +32,7 @@ from tdpo_lab.chapters import (
 from tdpo_lab.config import PROFILES, Config, ConfigError, config_from_file, load_config
 from tdpo_lab.data import DataError
 from tdpo_lab.methods import method_names, reads_knob
+from tdpo_lab.pool import plan_runs, train_pool
 from tdpo_lab.rundir import RunDir, run_name
 
 
@@ -213,6 +214,23 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         f"reproduce: {len(names)} notebooks into {out}, up to {args.jobs} at a time; seeds {seeds}",
         flush=True,
     )
+    # every run the chapters train, as one pool first (tdpo_lab.pool): they then find their runs finished
+    if args.pool:
+        runs = plan_runs(
+            [source / n for n in names],
+            profile=args.profile,
+            fast=bool(args.fast),
+            seeds=seeds,
+            run_root=out / "runs",
+        )
+        print(f"pool: {len(runs)} runs, {args.jobs} at a time, longest first", flush=True)
+        failures = train_pool(runs, jobs=args.jobs, progress=not args.quiet)
+        if failures:
+            print(
+                f"\nreproduce stopped: {len(failures)} run(s) of the pool failed: {failures}", file=sys.stderr
+            )
+            return 1
+        print(f"pool trained in {(time.perf_counter() - started_all) / 60:.1f} min", flush=True)
     failed = run_chapters(source, names, out, params, args.jobs)
     if failed:
         for name in failed:
@@ -346,6 +364,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--publish",
         action="store_true",
         help="write the executed chapters back into the notebooks folder (figures, provenance; full profile only)",
+    )
+    p.add_argument(
+        "--no-pool",
+        dest="pool",
+        action="store_false",
+        help="let each chapter train its own runs (default: train them all first, --jobs at a time)",
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)

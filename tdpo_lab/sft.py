@@ -29,6 +29,7 @@ from tdpo_lab.loop import TrainingLoop, batch_schedule
 from tdpo_lab.models import build_model, load_model
 from tdpo_lab.pipeline import SFT_FIELDS as SFT_FIELDS  # re-exported: notebook 01 prints it
 from tdpo_lab.pipeline import Plan
+from tdpo_lab.precision import forward_autocast
 from tdpo_lab.rundir import read_jsonl_tolerant
 from tdpo_lab.stages import CacheError, fetch, fetch_together
 from tdpo_lab.tokenizer import get_tokenizer
@@ -195,7 +196,8 @@ def _train_sft(cfg: Config, root: Path, acc, *, progress: bool, stop_after: int 
         batch = train_blocks[torch.as_tensor(idx)].to(device)
         tokens[0] += batch.numel() * acc.num_processes
         # every block has sft_block_size tokens, so the mean over a slice's tokens averages to the batch's
-        loss = model(input_ids=batch, labels=batch).loss
+        with forward_autocast(cfg, device):  # bf16 on a CPU; transformers' loss upcasts the logits to fp32
+            loss = model(input_ids=batch, labels=batch).loss
         return loss, {"train_loss": loss.item()}
 
     def held_out(step: int = 0) -> dict:  # the main process only (the loop's evaluations)

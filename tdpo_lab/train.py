@@ -34,6 +34,7 @@ from tdpo_lab.methods import StepContext, get_method, logit_metrics, preference_
 from tdpo_lab.models import load_model
 from tdpo_lab.pairs import build_pairs, split_pairs
 from tdpo_lab.pipeline import Plan
+from tdpo_lab.precision import forward_autocast, fp32_logits
 from tdpo_lab.reward import get_reward
 from tdpo_lab.rundir import RunDir
 from tdpo_lab.sft import load_reference, train_sft
@@ -100,13 +101,17 @@ def compute_loss(
     )
     labels = batch["labels"].to(device)
     ctx = StepContext(policy, reference, tokenizer, rows, batch, labels, cfg, device, step_seed, state)
-    weights, policy_logits = method.step_weights(ctx) if method.step_weights else (None, None)
-    if policy_logits is None:
-        policy_logits = _logits(policy, batch, device)
-    if method.needs_reference:
-        with torch.no_grad():
-            ref_logits = _logits(reference, batch, device)
-    else:  # scored against itself: r_t = 0 and SeqKL = 0, the loss reads the policy's log-probs
+    with forward_autocast(cfg, device):  # bf16 on a CPU (tdpo_lab.precision); the statistics below in fp32
+        weights, policy_logits = method.step_weights(ctx) if method.step_weights else (None, None)
+        if policy_logits is None:
+            policy_logits = _logits(policy, batch, device)
+        if method.needs_reference:
+            with torch.no_grad():
+                ref_logits = fp32_logits(_logits(reference, batch, device))
+        else:  # scored against itself: r_t = 0 and SeqKL = 0, the loss reads the policy's log-probs
+            ref_logits = None
+    policy_logits = fp32_logits(policy_logits)
+    if ref_logits is None:
         ref_logits = policy_logits.detach()
     stats = token_stats(policy_logits, ref_logits, labels, chunk_size=cfg.chunk_size or None)
     if weights is not None:
@@ -114,7 +119,8 @@ def compute_loss(
     out = preference_loss(method, stats, beta=cfg.beta, alpha=cfg.alpha, weights=weights)
     loss, metrics = out.loss, dict(out.metrics)
     metrics.update(logit_metrics(policy_logits, labels))  # TRL's logits/chosen|rejected
-    extra = method.extra_loss(ctx, stats) if method.extra_loss else None
+    with forward_autocast(cfg, device):  # TI-DPO's anchor: drawn and scored like the batch
+        extra = method.extra_loss(ctx, stats) if method.extra_loss else None
     if extra is not None:
         term, extra_metrics = extra
         loss = loss + term
