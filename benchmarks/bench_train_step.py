@@ -40,7 +40,7 @@ from tdpo_lab.kv_steps import GPT2Steps
 from tdpo_lab.methods import method_names
 from tdpo_lab.methods.attnpo_judge import attention_weights
 from tdpo_lab.models import build_model
-from tdpo_lab.precision import forward_autocast
+from tdpo_lab.precision import forward_autocast, native_bf16
 from tdpo_lab.reward import get_reward
 from tdpo_lab.tokenizer import get_tokenizer
 from tdpo_lab.train import compute_loss, evaluation_prompts
@@ -131,6 +131,8 @@ def evaluation_times(policy, reference, tokenizer, cfg, precisions, repeats: int
     "bf16" times it under the CPU autocast the training step uses (what a bf16 evaluation would cost); the
     kit evaluates in fp32 in every precision.
     """
+    if repeats <= 0:
+        return {}
     reward = get_reward(cfg)
     prompts = evaluation_prompts(cfg, tokenizer)
     heldout = synthetic_pairs(tokenizer, cfg, cfg.eval_pairs, split="test")
@@ -145,6 +147,28 @@ def evaluation_times(policy, reference, tokenizer, cfg, precisions, repeats: int
     return {p: statistics.median(v) for p, v in times.items()}
 
 
+def sft_times(cfg, tokenizer, precisions, steps: int) -> dict[str, float]:
+    """Median seconds of one SFT step (``sft_batch_size`` blocks of ``sft_block_size`` tokens, AdamW) per precision."""
+    model = build_model(cfg, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    gen = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {p: [] for p in precisions}
+    for step in range(steps + 1):  # the first round warms up and is not counted
+        batch = torch.randint(len(tokenizer), (cfg.sft_batch_size, cfg.sft_block_size), generator=gen)
+        for precision in precisions if step % 2 == 0 else precisions[::-1]:
+            pcfg = cfg.replace(mixed_precision=PRECISIONS[precision])
+            started = time.perf_counter()
+            with forward_autocast(pcfg, "cpu"):
+                loss = model(input_ids=batch, labels=batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if step > 0:
+                times[precision].append(time.perf_counter() - started)
+    return {p: statistics.median(v) for p, v in times.items()} if steps > 0 else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12, help="timed steps per method")
@@ -153,6 +177,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (interleaved)")
     parser.add_argument("--eval-repeats", type=int, default=0, help="timed evaluations per precision")
+    parser.add_argument(
+        "--eval-prompts", type=int, default=0, help="prompts per evaluation (0: the profile's)"
+    )
+    parser.add_argument("--sft-steps", type=int, default=0, help="timed SFT steps per precision")
     parser.add_argument("--anchor-repeats", type=int, default=10, help="timed anchor draws per sampler")
     args = parser.parse_args()
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
@@ -174,9 +202,14 @@ def main() -> None:
     pairs = synthetic_pairs(tokenizer, cfg, n)
     attn = [attention_weights(judge, tokenizer, r.prompt, r.chosen, r.rejected) for r in pairs.itertuples()]
 
+    print(
+        f"CPU: torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {native_bf16()}"
+    )
     load_start = load_line()
     times = step_times(policy, reference, tokenizer, pairs, attn, cfg, args, precisions)
-    evals = evaluation_times(policy, reference, tokenizer, cfg, precisions, args.eval_repeats)
+    ecfg = cfg.replace(eval_prompts=args.eval_prompts) if args.eval_prompts else cfg
+    evals = evaluation_times(policy, reference, tokenizer, ecfg, precisions, args.eval_repeats)
+    sft = sft_times(cfg, tokenizer, precisions, args.sft_steps)
     load_end = load_line()
 
     print(
@@ -201,9 +234,14 @@ def main() -> None:
         print(f"| {method} | {cells} | {' | '.join([*extra, mark])} |")
     if evals:
         print(
-            f"\none evaluation ({cfg.eval_prompts} prompts x {cfg.eval_samples} samples of {cfg.max_new_tokens} "
+            f"\none evaluation ({ecfg.eval_prompts} prompts x {cfg.eval_samples} samples of {cfg.max_new_tokens} "
             f"tokens, {cfg.eval_pairs} held-out pairs), median of {args.eval_repeats}: "
             + ", ".join(f"{p} {t:.1f} s" for p, t in evals.items())
+        )
+    if sft:
+        print(
+            f"\none SFT step ({cfg.sft_batch_size} blocks x {cfg.sft_block_size} tokens, AdamW), median of "
+            f"{args.sft_steps}: " + ", ".join(f"{p} {t:.3f} s" for p, t in sft.items())
         )
     if args.anchor_repeats <= 0:
         return

@@ -11,13 +11,15 @@ the policy's ``forward`` for good, so the evaluations (reward, KL, samples) woul
   log-probs, the exact SeqKL and the losses are computed outside the region, in fp32;
 - evaluation runs outside it: fp32, as precise as with ``mixed_precision="no"``.
 
-A CPU with native bf16 (AVX512-BF16 / AMX) runs the matrix products about twice as fast
-(benchmarks/README.md, "bf16 on the CPU").
+It pays only on a CPU with native bf16 (AVX512-BF16 or AMX, :func:`native_bf16`): there the issue measured a
+tiny-profile step at 0.54x of fp32; on a CPU without it (AVX2 only) torch emulates bf16 and the step is several
+times slower (benchmarks/README.md, "bf16 on the CPU").
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -28,9 +30,25 @@ def cpu_bf16(cfg, device: torch.device | str | None) -> bool:
     return getattr(cfg, "mixed_precision", "no") == "bf16" and kind == "cpu"
 
 
-def accelerate_precision(cfg, cpu: bool) -> str:
-    """The ``mixed_precision`` to hand accelerate: "no" where the kit autocasts itself (bf16 on a CPU)."""
-    return "no" if cpu and cfg.mixed_precision == "bf16" else cfg.mixed_precision
+def native_bf16() -> bool:
+    """True when this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX), as oneDNN reports it.
+
+    Without it torch emulates bf16 and autocast makes a step several times slower, not faster.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def warn_if_emulated(cfg, device) -> None:
+    """A warning when bf16 is asked for on a CPU that would emulate it (benchmarks/README.md, "bf16 on the CPU")."""
+    if cpu_bf16(cfg, device) and not native_bf16():
+        warnings.warn(
+            "mixed_precision='bf16' on a CPU without native bf16 (AVX512-BF16 or AMX): torch emulates it and a "
+            "training step is several times slower than in fp32; use --set mixed_precision=no on this machine",
+            stacklevel=2,
+        )
 
 
 def forward_autocast(cfg, device: torch.device | str | None):

@@ -29,7 +29,7 @@ from tdpo_lab.loop import TrainingLoop, batch_schedule
 from tdpo_lab.models import build_model, load_model
 from tdpo_lab.pipeline import SFT_FIELDS as SFT_FIELDS  # re-exported: notebook 01 prints it
 from tdpo_lab.pipeline import Plan
-from tdpo_lab.precision import forward_autocast
+from tdpo_lab.precision import forward_autocast, warn_if_emulated
 from tdpo_lab.rundir import read_jsonl_tolerant
 from tdpo_lab.stages import CacheError, fetch, fetch_together
 from tdpo_lab.tokenizer import get_tokenizer
@@ -146,6 +146,7 @@ def _train_sft(cfg: Config, root: Path, acc, *, progress: bool, stop_after: int 
     root.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.num_threads)
     device = device_of(acc)
+    warn_if_emulated(cfg, device)
     check_split(cfg.sft_batch_size, acc.num_processes, cfg.grad_accum_steps, "sft_batch_size")
     with acc.main_process_first():  # built once, then read by the others
         tokenizer = get_tokenizer(cfg)

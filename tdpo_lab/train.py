@@ -34,7 +34,7 @@ from tdpo_lab.methods import StepContext, get_method, logit_metrics, preference_
 from tdpo_lab.models import load_model
 from tdpo_lab.pairs import build_pairs, split_pairs
 from tdpo_lab.pipeline import Plan
-from tdpo_lab.precision import forward_autocast, fp32_logits
+from tdpo_lab.precision import forward_autocast, fp32_logits, warn_if_emulated
 from tdpo_lab.reward import get_reward
 from tdpo_lab.rundir import RunDir
 from tdpo_lab.sft import load_reference, train_sft
@@ -200,6 +200,7 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
     acc.wait_for_everyone()
     set_threads(cfg.num_threads)
     device = device_of(acc)
+    warn_if_emulated(cfg, device)
     progress = progress and main
     if run.is_finished:
         if progress:

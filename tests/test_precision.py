@@ -8,6 +8,8 @@ identical to one that was not.
 
 from __future__ import annotations
 
+import warnings
+
 import pandas as pd
 import pytest
 import torch
@@ -150,3 +152,19 @@ def test_a_bf16_run_resumes_exactly_and_differs_from_fp32(cfg, tmp_path, monkeyp
     _assert_same_weights(_state(a / "policy"), _state(c / "policy"))
     f = train(cfg.replace(method="tidpo"), tmp_path / "f", progress=False)
     assert [m["loss"] for m in _metrics(f)] != [m["loss"] for m in _metrics(a)]
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    from tdpo_lab import precision
+
+    bf16 = load_config("tiny", mixed_precision="bf16")
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16"):
+        precision.warn_if_emulated(bf16, "cpu")
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    with warnings.catch_warnings():  # native bf16, fp32 or a GPU: no warning
+        warnings.simplefilter("error")
+        precision.warn_if_emulated(bf16, "cpu")
+        monkeypatch.setattr(precision, "native_bf16", lambda: False)
+        precision.warn_if_emulated(load_config("tiny"), "cpu")  # fp32: nothing to warn about
+        precision.warn_if_emulated(bf16, "cuda")  # a GPU: accelerate's autocast, not the kit's
