@@ -139,6 +139,12 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write the executed chapters back into the notebooks folder (figures, provenance; full profile only)",
     )
+    p.add_argument(
+        "--no-pool",
+        dest="pool",
+        action="store_false",
+        help="let each chapter train its own runs (default: train them all first, --jobs at a time)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 

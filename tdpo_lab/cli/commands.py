@@ -16,6 +16,7 @@ from tdpo_lab.course.chapters import (
     run_chapters,
     sweep_notebook,
 )
+from tdpo_lab.course.pool import plan_runs, train_pool
 from tdpo_lab.methods import method_names, reads_knob
 from tdpo_lab.runs.claims import write_claims
 from tdpo_lab.runs.rundir import RunDir, run_name
@@ -246,6 +247,23 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         f"reproduce: {len(names)} notebooks into {out}, up to {args.jobs} at a time; seeds {seeds}",
         flush=True,
     )
+    # every run the chapters train, as one pool first (tdpo_lab.course.pool): they then find their runs finished
+    if args.pool:
+        runs = plan_runs(
+            [source / n for n in names],
+            profile=args.profile,
+            fast=bool(args.fast),
+            seeds=seeds,
+            run_root=out / "runs",
+        )
+        print(f"pool: {len(runs)} runs, {args.jobs} at a time, longest first", flush=True)
+        failures = train_pool(runs, jobs=args.jobs, progress=not args.quiet)
+        if failures:
+            print(
+                f"\nreproduce stopped: {len(failures)} run(s) of the pool failed: {failures}", file=sys.stderr
+            )
+            return 1
+        print(f"pool trained in {(time.perf_counter() - started_all) / 60:.1f} min", flush=True)
     failed = run_chapters(source, names, out, params, args.jobs)
     if failed:
         for name in failed:

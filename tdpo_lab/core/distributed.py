@@ -58,7 +58,10 @@ def accelerator_for(cfg):
     # The others wait at a barrier while the main process samples the pairs or evaluates: longer than the
     # 10 minutes NCCL allows by default on a large model.
     wait = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
-    kwargs = {"cpu": cpu, "mixed_precision": cfg.mixed_precision, "kwargs_handlers": [wait]}
+    # bf16 on a CPU is the kit's own autocast around the forward passes (tdpo_lab.core.precision): accelerate's would
+    # wrap the whole step and patch the policy's forward, so the evaluations would run in bf16 too
+    precision = "no" if cpu and cfg.mixed_precision == "bf16" else cfg.mixed_precision
+    kwargs = {"cpu": cpu, "mixed_precision": precision, "kwargs_handlers": [wait]}
     try:
         return Accelerator(**kwargs)
     except ValueError as exc:

@@ -31,6 +31,7 @@ from tdpo_lab.core.export import save_model
 from tdpo_lab.core.jsonl import JsonlSteps, read_jsonl_tolerant
 from tdpo_lab.core.loop import TrainingLoop, batch_schedule
 from tdpo_lab.core.models import build_model, load_model
+from tdpo_lab.core.precision import forward_autocast, warn_if_emulated
 from tdpo_lab.core.utils import (
     seed_everything,
     select_device,
@@ -145,6 +146,7 @@ def _train_sft(cfg: Config, root: Path, acc, *, progress: bool, stop_after: int 
     root.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.num_threads)
     device = device_of(acc)
+    warn_if_emulated(cfg, device)
     check_split(cfg.sft_batch_size, acc.num_processes, cfg.grad_accum_steps, "sft_batch_size")
     with acc.main_process_first():  # built once, then read by the others
         tokenizer = get_tokenizer(cfg)
@@ -195,7 +197,8 @@ def _train_sft(cfg: Config, root: Path, acc, *, progress: bool, stop_after: int 
         batch = train_blocks[torch.as_tensor(idx)].to(device)
         tokens[0] += batch.numel() * acc.num_processes
         # every block has sft_block_size tokens, so the mean over a slice's tokens averages to the batch's
-        loss = model(input_ids=batch, labels=batch).loss
+        with forward_autocast(cfg, device):  # bf16 on a CPU; transformers' loss upcasts the logits to fp32
+            loss = model(input_ids=batch, labels=batch).loss
         return loss, {"train_loss": loss.item()}
 
     def held_out(step: int = 0) -> dict:  # the main process only (the loop's evaluations)

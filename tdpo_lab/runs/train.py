@@ -32,6 +32,7 @@ from tdpo_lab.core.logprobs import token_stats
 from tdpo_lab.core.loop import TrainingLoop, batch_schedule
 from tdpo_lab.core.lora import attach_lora
 from tdpo_lab.core.models import load_model
+from tdpo_lab.core.precision import forward_autocast, fp32_logits, warn_if_emulated
 from tdpo_lab.core.utils import (
     set_threads,
     write_json,
@@ -83,13 +84,19 @@ def compute_loss(
     )
     labels = batch["labels"].to(device)
     ctx = StepContext(policy, reference, tokenizer, rows, batch, labels, cfg, device, step_seed, state)
-    weights, policy_logits = method.step_weights(ctx) if method.step_weights else (None, None)
-    if policy_logits is None:
-        policy_logits = _logits(policy, batch, device)
-    if method.needs_reference:
-        with torch.no_grad():
-            ref_logits = _logits(reference, batch, device)
-    else:  # scored against itself: r_t = 0 and SeqKL = 0, the loss reads the policy's log-probs
+    with forward_autocast(
+        cfg, device
+    ):  # bf16 on a CPU (tdpo_lab.core.precision); the statistics below in fp32
+        weights, policy_logits = method.step_weights(ctx) if method.step_weights else (None, None)
+        if policy_logits is None:
+            policy_logits = _logits(policy, batch, device)
+        if method.needs_reference:
+            with torch.no_grad():
+                ref_logits = fp32_logits(_logits(reference, batch, device))
+        else:  # scored against itself: r_t = 0 and SeqKL = 0, the loss reads the policy's log-probs
+            ref_logits = None
+    policy_logits = fp32_logits(policy_logits)
+    if ref_logits is None:
         ref_logits = policy_logits.detach()
     stats = token_stats(policy_logits, ref_logits, labels, chunk_size=cfg.chunk_size or None)
     if weights is not None:
@@ -97,7 +104,8 @@ def compute_loss(
     out = preference_loss(method, stats, beta=cfg.beta, weights=weights, **method.knob_values(cfg))
     loss, metrics = out.loss, dict(out.metrics)
     metrics.update(logit_metrics(policy_logits, labels))  # TRL's logits/chosen|rejected
-    extra = method.extra_loss(ctx, stats) if method.extra_loss else None
+    with forward_autocast(cfg, device):  # TI-DPO's anchor: drawn and scored like the batch
+        extra = method.extra_loss(ctx, stats) if method.extra_loss else None
     if extra is not None:
         term, extra_metrics = extra
         loss = loss + term
@@ -188,6 +196,7 @@ def _train(cfg: Config, run_dir: str | Path, acc, *, progress: bool, stop_after:
     acc.wait_for_everyone()
     set_threads(cfg.num_threads)
     device = device_of(acc)
+    warn_if_emulated(cfg, device)
     progress = progress and main
     if run.is_finished:
         if progress:
