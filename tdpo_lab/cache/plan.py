@@ -67,7 +67,7 @@ EVAL_FIELDS = (
 )
 
 # The evaluation pairs from IMDb test prefixes (config eval_pair_source="test"; tdpo_lab.products.eval_pairs):
-# sampled from pi_ref and ranked by the reward exactly as the training pairs are, on other prompts.
+# sampled from pi_ref and ranked by the reward exactly as the training pairs are, on prompts none trained on.
 EVAL_PAIR_FIELDS = (
     "eval_pairs",
     "samples_per_prompt",
@@ -98,7 +98,9 @@ STAGES: dict[str, Stage] = {
         late=(("mixed_precision", LATE_FIELDS["mixed_precision"]),),
     ),
     "pairs": Stage("pairs", fields=PAIR_FIELDS, upstream=("train_data", "sft", "reward"), version=2),
-    "eval_pairs": Stage("eval_pairs", fields=EVAL_PAIR_FIELDS, upstream=("test_data", "sft", "reward")),
+    "eval_pairs": Stage(
+        "eval_pairs", fields=EVAL_PAIR_FIELDS, upstream=("test_data", "sft", "reward", "pairs")
+    ),
     "eval_ref": Stage(
         "eval_ref",
         fields=EVAL_FIELDS,

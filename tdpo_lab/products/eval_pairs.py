@@ -5,7 +5,8 @@ the training prompts, and all K(K-1)/2 pairs of each: 64 pairs come from about 1
 bars that resample prompts. With config ``eval_pair_source="test"`` the held-out pairs come from here instead:
 
 - the prompts are the held-out IMDb **test** prefixes the reward evaluation scores (the same seeded order, so
-  the first ``eval_prompts`` of them are those prompts, with the same ``prompt_id``), plus a spare quarter;
+  the first ``eval_prompts`` of them are those prompts, with the same ``prompt_id``), plus a spare quarter,
+  less any whose text is also a training pair's prompt (short prefixes such as "This movie is" recur);
 - each gets ``samples_per_prompt`` continuations from pi_ref, scored by the reward and ranked by
   :func:`~tdpo_lab.products.pairs.rank_pairs` exactly as the training pairs are;
 - each prompt keeps ONE of its ranked pairs, drawn uniformly (a training pair is any of them), and the first
@@ -14,7 +15,7 @@ bars that resample prompts. With config ``eval_pair_source="test"`` the held-out
 The training pairs are unchanged (the same split as before), so a run with ``eval_pair_source="test"``
 trains exactly as one without it and differs only in the pairs its SeqKL curves are measured on. The table
 is the cached stage ``eval_pairs`` (:data:`tdpo_lab.cache.plan.STAGES`), keyed by the SFT model, the reward,
-the test split and its fields; the reference evaluation's key covers it when it is used.
+the test split, the training pairs and its fields; the reference evaluation's key covers it when it is used.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tdpo_lab.config import Config
 from tdpo_lab.core.data import clean_text, load_imdb, make_prefixes
 from tdpo_lab.core.generation import sample
 from tdpo_lab.core.utils import atomic_path, set_threads
-from tdpo_lab.products.pairs import assert_no_inverted, rank_pairs
+from tdpo_lab.products.pairs import assert_no_inverted, build_pairs, rank_pairs
 from tdpo_lab.products.reward import get_reward
 from tdpo_lab.products.sft import load_reference
 
@@ -109,6 +110,10 @@ def _sample_eval_pairs(cfg: Config, folder: Path, *, progress: bool, plan: Plan)
     set_threads(cfg.num_threads)
     model, tokenizer = load_reference(cfg, progress=progress, plan=plan)
     prompts = heldout_prefixes(cfg, tokenizer, eval_pair_prompt_count(cfg.eval_pairs))
+    # a short prefix ("This movie is") can also be a training prompt: such a prompt is not held out, so skip it
+    trained = set(build_pairs(cfg, progress=progress, plan=plan)["prompt"])
+    kept = np.array([i for i, p in enumerate(prompts) if p not in trained], dtype=np.int64)
+    prompts = [prompts[i] for i in kept]
     samples = sample(  # seeded per batch: the same pairs for every run on this pi_ref
         model,
         tokenizer,
@@ -121,9 +126,10 @@ def _sample_eval_pairs(cfg: Config, folder: Path, *, progress: bool, plan: Plan)
     )
     flat = [p + s for p, group in zip(prompts, samples, strict=True) for s in group]
     rewards = get_reward(cfg).score(flat).reshape(len(prompts), cfg.samples_per_prompt)
-    df = one_pair_per_prompt(
-        rank_pairs(prompts, samples, rewards, min_gap=cfg.min_reward_gap), cfg.eval_pairs
-    )
+    ranked = rank_pairs(prompts, samples, rewards, min_gap=cfg.min_reward_gap)
+    # prompt_id: the prompt's place among the test prefixes, as in the reward evaluation
+    ranked["prompt_id"] = kept[ranked["prompt_id"].to_numpy(dtype=np.int64)]
+    df = one_pair_per_prompt(ranked, cfg.eval_pairs)
     if len(df) < cfg.eval_pairs:
         warnings.warn(
             f"only {len(df)} of {len(prompts)} test prefixes gave a ranked pair (eval_pairs={cfg.eval_pairs}): "
