@@ -209,3 +209,10 @@ def test_a_run_logs_the_test_prompts_ids_per_pair(small, tmp_path):
     ]
     assert shared and all(prompts[i] == p for i, p in shared)
     assert Plan(cfg).entry("eval_ref").sealed
+    # the same training: only what the SeqKL curves are measured on differs
+    off = train(cfg.replace(eval_pair_source="train"), tmp_path / "off", progress=False)
+    losses = [
+        [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        for folder in (out, off)
+    ]
+    assert losses[0] == losses[1]
