@@ -139,9 +139,9 @@ def test_keys_travel_down_the_graph(imdb_path):
     names = [*STAGES, "attnpo"]  # the built-in stages and AttentionPO's declared input
     base = {name: Plan(cfg).key(name) for name in names}
     downstream = {
-        "vocab_size": {"tokenizer", "sft", "pairs", "attnpo", "eval_ref"},
-        "sft_steps": {"sft", "pairs", "attnpo", "eval_ref"},
-        "max_new_tokens": {"pairs", "attnpo", "eval_ref"},
+        "vocab_size": {"tokenizer", "sft", "pairs", "attnpo", "eval_pairs", "eval_ref"},
+        "sft_steps": {"sft", "pairs", "attnpo", "eval_pairs", "eval_ref"},
+        "max_new_tokens": {"pairs", "attnpo", "eval_pairs", "eval_ref"},
         "attn_layer": {"attnpo"},
         "eval_samples": {"eval_ref"},
         "beta": set(),  # a preference-training knob: no cached stage depends on it

@@ -14,6 +14,7 @@ data fingerprint under every key is computed once per process (:func:`tdpo_lab.c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from tdpo_lab.cache.store import Entry, Stage
@@ -65,6 +66,19 @@ EVAL_FIELDS = (
     "sample_batch_size",
 )
 
+# The evaluation pairs from IMDb test prefixes (config eval_pair_source="test"; tdpo_lab.products.eval_pairs):
+# sampled from pi_ref and ranked by the reward exactly as the training pairs are, on prompts none trained on.
+EVAL_PAIR_FIELDS = (
+    "eval_pairs",
+    "samples_per_prompt",
+    "max_new_tokens",
+    "min_reward_gap",
+    "reward",
+    "prefix_min_tokens",
+    "prefix_max_tokens",
+    "sample_batch_size",
+)
+
 SOURCES = ("train_data", "test_data")  # the IMDb splits: keyed by their fingerprints
 STAGES: dict[str, Stage] = {
     "tokenizer": Stage(
@@ -84,8 +98,16 @@ STAGES: dict[str, Stage] = {
         late=(("mixed_precision", LATE_FIELDS["mixed_precision"]),),
     ),
     "pairs": Stage("pairs", fields=PAIR_FIELDS, upstream=("train_data", "sft", "reward"), version=2),
+    "eval_pairs": Stage(
+        "eval_pairs", fields=EVAL_PAIR_FIELDS, upstream=("test_data", "sft", "reward", "pairs")
+    ),
     "eval_ref": Stage(
-        "eval_ref", fields=EVAL_FIELDS, upstream=("test_data", "sft", "pairs", "reward"), version=2
+        "eval_ref",
+        fields=EVAL_FIELDS,
+        upstream=("test_data", "sft", "pairs", "reward"),
+        version=2,
+        # the held-out pairs' source, added later: the reference evaluations built before keep their keys
+        late=(("eval_pair_source", LATE_FIELDS["eval_pair_source"]),),
     ),
 }
 RUN_INPUTS = ("sft", "pairs", "reward", "eval_ref")  # what a training run fetches before its first step
@@ -93,6 +115,14 @@ RUN_INPUTS = ("sft", "pairs", "reward", "eval_ref")  # what a training run fetch
 # A stage whose key is not a hash of its fields: stage name -> key(plan) (None: the stage's own key)
 KeyFunction = Callable[["Plan"], "str | None"]
 _KEYS: dict[str, KeyFunction] = {}
+
+
+def _eval_ref_key(plan: Plan) -> str | None:
+    """eval_ref's key, over the evaluation pairs' key too when it evaluates them (None: its usual key)."""
+    if plan.cfg.eval_pair_source == LATE_FIELDS["eval_pair_source"]:
+        return None
+    st = STAGES["eval_ref"]
+    return plan._stage_key(dataclasses.replace(st, upstream=(*st.upstream, "eval_pairs")))
 
 
 def register_stage(stage: Stage, key: KeyFunction | None = None) -> None:
@@ -130,6 +160,9 @@ def stage(name: str) -> Stage:
 def run_inputs(method: str) -> tuple[str, ...]:
     """The stages a run of ``method`` fetches: every run's, then the method's own inputs."""
     return RUN_INPUTS + tuple(item.name for item in get_method(method).inputs)
+
+
+_KEYS["eval_ref"] = _eval_ref_key
 
 
 class Plan:

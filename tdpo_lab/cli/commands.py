@@ -135,7 +135,7 @@ def cmd_frontier_study(args: argparse.Namespace) -> int:
     """The beta-grid frontier study (docs/results_tiny.md): train the grid, then its envelopes and verdicts."""
     from tdpo_lab.runs.fanout import train_points
     from tdpo_lab.runs.study import (
-        STUDY_EVAL_EVERY,
+        STUDY_FIXED,
         STUDY_GRID,
         grid_configs,
         parse_betas,
@@ -148,9 +148,9 @@ def cmd_frontier_study(args: argparse.Namespace) -> int:
     configs = study_configs(lambda **extra: build_config(args, **extra), grid, _ints(args.seeds))
     if (
         args.grid == "retrain"
-    ):  # the retrained study of issue 18: study.STUDY_GRID, an evaluation every 40 steps
+    ):  # the retrained study of issue 18: study.STUDY_GRID, study.STUDY_FIXED (eval every 40 steps, test pairs)
         make = lambda **extra: build_config(args, **extra)  # noqa: E731
-        configs = grid_configs(make, STUDY_GRID, _ints(args.seeds), eval_every=STUDY_EVAL_EVERY)
+        configs = grid_configs(make, STUDY_GRID, _ints(args.seeds), **STUDY_FIXED)
         grid = {m: knobs["beta"] for m, knobs in STUDY_GRID.items()}
     failures = []
     outs = [root / run_name(c) for c in configs]

@@ -160,6 +160,7 @@ class Config:
     eval_max_new_tokens: int = 48
     eval_topk: int = 0  # > 0: also report the reward of top-k samples as a secondary number
     eval_pairs: int = 64  # held-out preference pairs for the chosen/rejected SeqKL curves
+    eval_pair_source: str = "train"  # "train": held-out training prompts; "test": IMDb test prefixes
 
     def __init__(self, **values) -> None:
         _check_keys(values)
@@ -220,6 +221,7 @@ LATE_FIELDS: dict[str, object] = {
     "lora_alpha": 16.0,
     "lora_dropout": 0.0,
     "lora_target_modules": "",
+    "eval_pair_source": "train",
 }
 
 NO_REWARD = "none"  # the reward key's value for "no reward model" (allowed with your own pairs only)
@@ -329,6 +331,7 @@ def _validate(cfg: Config) -> None:
         (cfg.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "'no', 'bf16' or 'fp16'"),
         (cfg.grad_accum_steps >= 1, "grad_accum_steps", ">= 1"),
         (cfg.report_to in ("", "tensorboard"), "report_to", "'' (none) or 'tensorboard'"),
+        (cfg.eval_pair_source in ("train", "test"), "eval_pair_source", "'train' or 'test'"),
         (cfg.beta > 0, "beta", "> 0"),
         (
             1 <= cfg.prefix_min_tokens <= cfg.prefix_max_tokens,

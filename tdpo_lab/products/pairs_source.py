@@ -1,7 +1,8 @@
 """Where a run's preference pairs come from: one interface, two implementations.
 
 - :class:`ImdbPairs`: the kit's pairs, sampled from pi_ref on IMDb prefixes and ranked by the reward
-  (:mod:`tdpo_lab.products.pairs`), with held-out prompts for the SeqKL curves;
+  (:mod:`tdpo_lab.products.pairs`), with held-out prompts for the SeqKL curves (training prompts, or with
+  ``eval_pair_source="test"`` one pair on each of ``eval_pairs`` test prefixes: :mod:`.eval_pairs`);
 - :class:`FilePairs`: your own ``prompt``/``chosen``/``rejected`` file, folder or hub dataset (config key
   ``pairs``; :mod:`tdpo_lab.products.user_pairs`), split by ``heldout_share``.
 
@@ -18,12 +19,11 @@ import pandas as pd
 
 from tdpo_lab.cache.plan import STAGES, Plan, register_stage
 from tdpo_lab.config import NO_REWARD, Config
-from tdpo_lab.core.data import clean_text, load_imdb, make_prefixes
+from tdpo_lab.products.eval_pairs import EVAL_PROMPT_SEED as EVAL_PROMPT_SEED  # re-exported
+from tdpo_lab.products.eval_pairs import build_eval_pairs, heldout_prefixes
 from tdpo_lab.products.pairs import build_pairs, split_pairs
 from tdpo_lab.products.reward import get_reward
 from tdpo_lab.products.user_pairs import UserPairsError, user_pairs_for, user_pairs_key
-
-EVAL_PROMPT_SEED = 1234  # the held-out IMDb prefixes are the same for every run, so runs are comparable
 
 
 class TrainingInputs(NamedTuple):
@@ -39,16 +39,7 @@ class TrainingInputs(NamedTuple):
 
 def evaluation_prompts(cfg: Config, tokenizer) -> list[str]:
     """Held-out review prefixes from the IMDb test split (fixed across runs and seeds)."""
-    test = load_imdb("test", cfg.data_path or None)
-    order = np.random.default_rng(EVAL_PROMPT_SEED).permutation(len(test))[: cfg.eval_prompts]
-    texts = [clean_text(test[int(i)]["text"]) for i in order]
-    return make_prefixes(
-        texts,
-        tokenizer,
-        min_tokens=cfg.prefix_min_tokens,
-        max_tokens=cfg.prefix_max_tokens,
-        seed=EVAL_PROMPT_SEED,
-    )
+    return heldout_prefixes(cfg, tokenizer, cfg.eval_prompts)
 
 
 # --- your own pairs: split, fitted to the context, their prompts ------------------------------------------
@@ -146,6 +137,8 @@ class ImdbPairs:
     ) -> TrainingInputs:
         pairs = build_pairs(self.cfg, progress=progress, plan=plan)
         train, heldout = split_pairs(pairs, self.cfg)
+        if self.cfg.eval_pair_source == "test":  # the same training pairs, evaluated on IMDb test prefixes
+            heldout = build_eval_pairs(self.cfg, progress=progress, plan=plan)
         # evaluations run on the main process only
         reward = get_reward(self.cfg) if main else None
         prompts = evaluation_prompts(self.cfg, tokenizer) if main else None
