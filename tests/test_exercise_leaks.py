@@ -31,6 +31,16 @@ MIN_STATEMENT = 7  # `u = a * (b + c)` and larger; smaller single statements are
 MIN_EXPRESSION = 11  # `(p.exp() * (p - q)).sum(-1)` and larger
 PLACEHOLDER = "_"
 _FENCE = re.compile(r"```python\n(.*?)```", re.S)
+# Idioms every chapter from 04 on shows on purpose; matching one alone is no leak (a window of an idiom and the
+# statement after it still is). Each is one statement a solution may contain.
+IDIOMS = (
+    "chosen, rejected = rows[:B], rows[B:]",  # the batch layout: chosen rows, then rejected rows
+    "margin = rows[:B] - rows[B:]",  # chosen minus rejected, per pair
+    "row_sums = torch.where(mask, values, 0.0).sum(-1)",  # a masked sum over the response
+    "with torch.no_grad():\n    ref_logits = reference(**forward).logits",  # pi_ref is never trained
+)
+_FORMULA = (ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp, ast.Subscript)
+_SIMPLE = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Return)
 
 
 def _imported(tree: ast.AST) -> set[str]:
@@ -119,10 +129,10 @@ def fingerprints(tree: ast.Module, keep: set[str]) -> dict[str, set[str]]:
             windows.update(
                 ast.dump(ast.Module(body=list(p), type_ignores=[])) for p in zip(body, body[1:], strict=False)
             )
-        if (
-            isinstance(node, ast.stmt)
-            and not isinstance(node, ast.FunctionDef)
+        if (  # a simple statement that computes something (a bare API call such as torch.arange(n) is no answer)
+            isinstance(node, _SIMPLE)
             and _size(node) >= MIN_STATEMENT
+            and any(isinstance(n, _FORMULA) for n in ast.walk(node))
         ):
             statements.add(ast.dump(node))
         if isinstance(node, ast.expr) and _size(node) >= MIN_EXPRESSION:
@@ -173,12 +183,15 @@ def find_leaks(chapters: list[Path]) -> list[str]:
         for where, _ in vis
         if (path, where) in trees
     }
+    idioms = set().union(*(fingerprints(ast.parse(i), keep)["statement"] for i in IDIOMS))
+    idioms |= {ast.dump(_Rename(keep).visit(ast.parse(i)).body[0]) for i in IDIOMS}
     leaks = []
     for path, (sols, _) in code.items():
         for where, text in sols:
             if (path, where) not in trees:
                 continue
             mine = fingerprints(_parse(text), keep)
+            mine["statement"] -= idioms
             for (other, other_where), theirs in seen.items():
                 if other == path:
                     continue
