@@ -21,9 +21,22 @@ from torch import Tensor
 
 from tdpo_lab.core.logprobs import TokenStats
 from tdpo_lab.course.grading import ExerciseError, check_close, check_grad, num_pairs, passed
+from tdpo_lab.course.grading.core_pieces import (
+    check_collation,
+    check_preference_step,
+    check_sequence_logps,
+)  # the exercises that build the core
 from tdpo_lab.methods import preference_loss
 
-__all__ = ["check_dpo_loss", "check_dpo_token_gradient", "check_ipo_loss", "check_reward_accuracy"]
+__all__ = [
+    "check_collation",
+    "check_dpo_loss",
+    "check_dpo_token_gradient",
+    "check_ipo_loss",
+    "check_preference_step",
+    "check_reward_accuracy",
+    "check_sequence_logps",
+]
 
 # Mistakes shared by several exercises, phrased to follow "it looks like ...".
 SWAPPED = "the margin is taken the wrong way round (rejected minus chosen); h is chosen minus rejected"

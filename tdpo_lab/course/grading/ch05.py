@@ -21,9 +21,16 @@ from torch import Tensor
 
 from tdpo_lab.core.logprobs import IGNORE_INDEX, TokenStats, token_stats
 from tdpo_lab.course.grading import check_close, check_grad, num_pairs, passed
+from tdpo_lab.course.grading.core_pieces import check_kl_estimators  # the exercises that build the core
 from tdpo_lab.methods import preference_loss
 
-__all__ = ["check_kl_per_position", "check_tdpo1_loss", "check_tdpo2_loss", "check_token_reward"]
+__all__ = [
+    "check_kl_estimators",
+    "check_kl_per_position",
+    "check_tdpo1_loss",
+    "check_tdpo2_loss",
+    "check_token_reward",
+]
 
 # Mistakes shared by the two losses, phrased to follow "it looks like ...".
 KL_SIGN = (

@@ -14,10 +14,17 @@ from __future__ import annotations
 import torch
 
 from tdpo_lab.course.grading import ExerciseError, check_close, check_grad, passed
+from tdpo_lab.course.grading.core_pieces import check_weighted_margin  # the exercises that build the core
 from tdpo_lab.methods.tidpo import left_align, triplet_loss
 from tdpo_lab.methods.tidpo_importance import gaussian_prior, gradient_saliency, hybrid_weights
 
-__all__ = ["check_gaussian_prior", "check_hybrid_weights", "check_saliency", "check_triplet_loss"]
+__all__ = [
+    "check_gaussian_prior",
+    "check_hybrid_weights",
+    "check_saliency",
+    "check_triplet_loss",
+    "check_weighted_margin",
+]
 
 
 # --- 1 · gradient attribution -------------------------------------------------------------------------
