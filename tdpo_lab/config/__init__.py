@@ -27,9 +27,6 @@ import json
 import os
 from pathlib import Path
 
-PROFILES = ("tiny", "gpt2", "smol")
-
-
 from tdpo_lab.config.keys import _KNOBS as _KNOBS
 from tdpo_lab.config.keys import (  # re-exported: the declarations are part of the config's interface
     ConfigError as ConfigError,
@@ -62,6 +59,8 @@ from tdpo_lab.config.keys import (
 from tdpo_lab.config.profiles import FAST_OVERRIDES, PROFILE_DEFAULTS, PROFILE_FAST_OVERRIDES, fast_from_env
 from tdpo_lab.config.profiles import SMOL_MODEL as SMOL_MODEL
 from tdpo_lab.config.profiles import default_seeds as default_seeds
+
+PROFILES = ("tiny", "gpt2", "smol")
 
 
 @dataclasses.dataclass(frozen=True, init=False)

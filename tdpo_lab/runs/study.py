@@ -55,7 +55,10 @@ STUDY_SEEDS = (0, 1, 2)
 STUDY_EVAL_EVERY = 40  # a new config value for these runs: new run names (the old study's runs keep theirs)
 # SeqKL pairs on 64 IMDb test prefixes, one pair each (tdpo_lab.products.eval_pairs), not ~11 training prompts
 STUDY_EVAL_PAIR_SOURCE = "test"
-STUDY_FIXED = {"eval_every": STUDY_EVAL_EVERY, "eval_pair_source": STUDY_EVAL_PAIR_SOURCE}  # every study run's
+STUDY_FIXED = {
+    "eval_every": STUDY_EVAL_EVERY,
+    "eval_pair_source": STUDY_EVAL_PAIR_SOURCE,
+}  # every study run's
 
 
 def parse_betas(text: str) -> dict[str, tuple[float, ...]]:
