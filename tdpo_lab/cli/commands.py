@@ -121,7 +121,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     outs = [root / run_name(c) for c in points]
     todo, todo_outs = pending(points, outs, args.store)  # runs stored already are done
-    failures = train_points(todo, todo_outs, jobs=args.jobs, progress=not args.quiet, plugins=args.plugin)
+    failures = train_points(
+        todo,
+        todo_outs,
+        jobs=args.jobs,
+        progress=not args.quiet,
+        plugins=args.plugin,
+        on_finished=_storer(args.store),
+    )
     if args.store:
         _store_finished(todo_outs, args.store)
     report = write_results(Path(args.store), root) if args.store else write_results(root)
@@ -156,7 +163,14 @@ def cmd_frontier_study(args: argparse.Namespace) -> int:
     outs = [root / run_name(c) for c in configs]
     if not args.collect_only:
         todo, todo_outs = pending(configs, outs, args.store)  # runs stored already are done
-        failures = train_points(todo, todo_outs, jobs=args.jobs, progress=not args.quiet, plugins=args.plugin)
+        failures = train_points(
+            todo,
+            todo_outs,
+            jobs=args.jobs,
+            progress=not args.quiet,
+            plugins=args.plugin,
+            on_finished=_storer(args.store),
+        )
         if args.store:
             _store_finished(todo_outs, args.store)
     source = Path(args.store) if args.store else root
@@ -176,6 +190,11 @@ def cmd_claims(args: argparse.Namespace) -> int:
     path = write_claims(Path(args.root), Path(args.out) if args.out else None)
     print(path.read_text())
     return 0
+
+
+def _storer(into):
+    """What train_points calls as each run finishes: store it at once (None without a store)."""
+    return (lambda out: store_run(out, into)) if into else None
 
 
 def _store_finished(outs, into) -> None:

@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tdpo_lab.config import Config
@@ -53,10 +53,13 @@ def train_points(
     jobs: int = 1,
     progress: bool = True,
     plugins: Sequence[str] = (),
+    on_finished: Callable[[Path], None] | None = None,
 ) -> list[tuple[str, BaseException]]:
     """Train ``configs[i]`` into ``outs[i]``, ``jobs`` at a time; returns the (run name, error) of failures.
 
     ``plugins``: modules that register methods (``--plugin``), imported in every worker process too.
+    ``on_finished(out)`` runs in this process as soon as each run finishes (a results store keeps it at once, so
+    a study stopped half-way loses no finished run).
     """
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
@@ -67,6 +70,8 @@ def train_points(
             print(f"[{i}/{total}] {Path(out).name}", flush=True)
             try:
                 train(cfg, out, progress=progress)
+                if on_finished is not None:
+                    on_finished(Path(out))
             except Exception as exc:  # one failing point must not stop the others
                 failures.append((Path(out).name, exc))
                 traceback.print_exc()
@@ -84,6 +89,7 @@ def train_points(
     with futures.ProcessPoolExecutor(
         jobs, mp_context=context, initializer=_init_worker, initargs=(queue, tuple(plugins))
     ) as pool:
+        by_name = {Path(out).name: Path(out) for out in outs}
         pending = {
             pool.submit(_train_one, cfg.to_dict(), str(out), False): Path(out).name
             for cfg, out in zip(configs, outs, strict=True)
@@ -93,6 +99,8 @@ def train_points(
             try:
                 seconds = future.result()
                 print(f"[{done}/{total}] {name} finished ({seconds / 60:.1f} min)", flush=True)
+                if on_finished is not None:
+                    on_finished(by_name[name])
             except Exception as exc:  # noqa: BLE001 - reported with the others at the end
                 failures.append((name, exc))
                 print(f"[{done}/{total}] {name} FAILED: {type(exc).__name__}: {exc}", flush=True)
