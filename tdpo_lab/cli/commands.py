@@ -117,20 +117,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if alpha is not None:
                 extra["alpha"] = alpha
             points.append(build_config(args, **extra))
-    from tdpo_lab.runs.fanout import train_points
 
-    outs = [root / run_name(c) for c in points]
-    todo, todo_outs = pending(points, outs, args.store)  # runs stored already are done
-    failures = train_points(
-        todo,
-        todo_outs,
-        jobs=args.jobs,
-        progress=not args.quiet,
-        plugins=args.plugin,
-        on_finished=_storer(args.store),
-    )
-    if args.store:
-        _store_finished(todo_outs, args.store)
+    failures = _train_missing(points, [root / run_name(c) for c in points], args)
     report = write_results(Path(args.store), root) if args.store else write_results(root)
     print(f"results table: {report} (and results.csv); figures: {root}/frontier.png, {root}/seqkl.png")
     for name, exc in failures:
@@ -140,7 +128,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_frontier_study(args: argparse.Namespace) -> int:
     """The beta-grid frontier study (docs/results_tiny.md): train the grid, then its envelopes and verdicts."""
-    from tdpo_lab.runs.fanout import train_points
     from tdpo_lab.runs.study import (
         STUDY_FIXED,
         STUDY_GRID,
@@ -162,17 +149,7 @@ def cmd_frontier_study(args: argparse.Namespace) -> int:
     failures = []
     outs = [root / run_name(c) for c in configs]
     if not args.collect_only:
-        todo, todo_outs = pending(configs, outs, args.store)  # runs stored already are done
-        failures = train_points(
-            todo,
-            todo_outs,
-            jobs=args.jobs,
-            progress=not args.quiet,
-            plugins=args.plugin,
-            on_finished=_storer(args.store),
-        )
-        if args.store:
-            _store_finished(todo_outs, args.store)
+        failures = _train_missing(configs, outs, args)
     source = Path(args.store) if args.store else root
     report = write_study(source, grid, Path(args.report) if args.report else root)
     print(f"frontier study: {report} (table, verdicts), figure beside it")
@@ -192,9 +169,18 @@ def cmd_claims(args: argparse.Namespace) -> int:
     return 0
 
 
-def _storer(into):
-    """What train_points calls as each run finishes: store it at once (None without a store)."""
-    return (lambda out: store_run(out, into)) if into else None
+def _train_missing(configs, outs, args: argparse.Namespace) -> list:
+    """Train the runs not in ``--store`` yet, ``--jobs`` at a time, storing each as it finishes; the failures."""
+    from tdpo_lab.runs.fanout import train_points
+
+    todo, todo_outs = pending(configs, outs, args.store)  # runs stored already are done
+    store = (lambda out: store_run(out, args.store)) if args.store else None
+    failures = train_points(
+        todo, todo_outs, jobs=args.jobs, progress=not args.quiet, plugins=args.plugin, on_finished=store
+    )
+    if args.store:  # and any finished earlier that a previous call did not store
+        _store_finished(todo_outs, args.store)
+    return failures
 
 
 def _store_finished(outs, into) -> None:
