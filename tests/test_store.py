@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -121,3 +122,26 @@ def test_pending_without_store_keeps_everything(tmp_path):
     (tmp_path / "s" / "y").mkdir(parents=True)
     (tmp_path / "s" / "y" / MARKER).write_text("{}")
     assert pending(configs, outs, tmp_path / "s") == (["a"], [tmp_path / "x"])
+
+
+def test_train_points_hands_each_finished_run_on_at_once(tmp_path, monkeypatch):
+    """A study stopped half-way keeps what finished: on_finished sees each run as it ends, never a failed one."""
+    from tdpo_lab import load_config
+    from tdpo_lab.runs import fanout
+
+    seen = []
+
+    def fake_train(cfg, out, progress=True):
+        if cfg.seed == 1:
+            raise RuntimeError("this point fails")
+        seen.append(("trained", Path(out).name))
+        return Path(out)
+
+    monkeypatch.setattr(fanout, "train", fake_train)
+    configs = [load_config("tiny", fast=True, method="dpo", seed=s) for s in (0, 1, 2)]
+    outs = [tmp_path / f"run{s}" for s in (0, 1, 2)]
+    failures = fanout.train_points(
+        configs, outs, jobs=1, on_finished=lambda out: seen.append(("stored", out.name))
+    )
+    assert [name for name, _ in failures] == ["run1"]
+    assert seen == [("trained", "run0"), ("stored", "run0"), ("trained", "run2"), ("stored", "run2")]
