@@ -8,6 +8,7 @@ identical to one that was not.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pandas as pd
@@ -15,16 +16,20 @@ import pytest
 import torch
 from test_pipeline import TINY, _assert_same_weights, _metrics, _state
 
-from tdpo_lab import train as train_module
 from tdpo_lab.config import load_config
 from tdpo_lab.core.distributed import accelerator_for
 from tdpo_lab.core.models import build_model
 from tdpo_lab.core.precision import cpu_bf16, forward_autocast, fp32_logits, fp32_region
-from tdpo_lab.core.utils import read_jsonl, seed_everything
+from tdpo_lab.core.jsonl import read_jsonl
+from tdpo_lab.core.utils import seed_everything
 from tdpo_lab.methods import get_method, method_names
 from tdpo_lab.methods.attnpo_judge import attention_weights
 from tdpo_lab.products.tokenizer import get_tokenizer
 from tdpo_lab.runs.train import compute_loss, train
+
+train_module = importlib.import_module(
+    "tdpo_lab.runs.train"
+)  # the module (tdpo_lab.runs.train is the function)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +160,7 @@ def test_a_bf16_run_resumes_exactly_and_differs_from_fp32(cfg, tmp_path, monkeyp
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
-    from tdpo_lab import precision
+    from tdpo_lab.core import precision
 
     bf16 = load_config("tiny", mixed_precision="bf16")
     monkeypatch.setattr(precision, "native_bf16", lambda: False)
