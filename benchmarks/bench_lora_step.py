@@ -32,8 +32,8 @@ from bench_train_step import synthetic_pairs  # benchmarks/ is on the path when 
 
 
 def _model_and_tokenizer(cfg):
-    from tdpo_lab.smol import SMOL_MODEL, smol_missing
-    from tdpo_lab.tokenizer import get_tokenizer, load_tokenizer
+    from tdpo_lab.core.smol import SMOL_MODEL, smol_missing
+    from tdpo_lab.products.tokenizer import get_tokenizer, load_tokenizer
 
     from tdpo_lab.core.models import build_model, load_model
 

@@ -22,7 +22,7 @@ import time
 
 import datasets
 import torch
-from tdpo_lab.user_pairs import export_pairs
+from tdpo_lab.products import export_pairs
 from trl import DPOConfig
 
 from tdpo_lab.config import load_config
