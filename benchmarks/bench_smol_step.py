@@ -59,7 +59,8 @@ def main() -> None:
     from tdpo_lab.products.reward import get_reward
     from tdpo_lab.products.sft import load_reference
     from tdpo_lab.products.tokenizer import load_tokenizer
-    from tdpo_lab.runs.train import compute_loss, evaluation_prompts
+    from tdpo_lab.products import evaluation_prompts
+    from tdpo_lab.runs.train import compute_loss
 
     if (missing := smol_missing()) is not None:
         raise SystemExit(missing)
