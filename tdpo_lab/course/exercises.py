@@ -79,6 +79,7 @@ def student_version(chapter: Path):
     nb.cells = cells
     nb.metadata.pop("tdpo_lab", None)
     nb.metadata.pop("papermill", None)
+    nb.metadata.pop("widgets", None)  # a chapter's saved widget state: nothing for a student to see
     return nb, total
 
 
