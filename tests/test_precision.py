@@ -18,9 +18,9 @@ from test_pipeline import TINY, _assert_same_weights, _metrics, _state
 
 from tdpo_lab.config import load_config
 from tdpo_lab.core.distributed import accelerator_for
+from tdpo_lab.core.jsonl import read_jsonl
 from tdpo_lab.core.models import build_model
 from tdpo_lab.core.precision import cpu_bf16, forward_autocast, fp32_logits, fp32_region
-from tdpo_lab.core.jsonl import read_jsonl
 from tdpo_lab.core.utils import seed_everything
 from tdpo_lab.methods import get_method, method_names
 from tdpo_lab.methods.attnpo_judge import attention_weights
