@@ -177,7 +177,7 @@ def test_64_test_prompts_none_of_them_trained_on(small):
 def test_the_stage_is_cached(small, monkeypatch):
     cfg, _, inputs = small
     assert Plan(cfg).entry("eval_pairs").sealed
-    monkeypatch.setattr(eval_pairs_mod, "sample", lambda *a, **k: pytest.fail("sampled again"))
+    monkeypatch.setattr(eval_pairs_mod, "sample_and_rank", lambda *a, **k: pytest.fail("sampled again"))
     pd.testing.assert_frame_equal(build_eval_pairs(cfg, progress=False), inputs.heldout)
 
 

@@ -31,10 +31,8 @@ from tdpo_lab.cache.plan import Plan
 from tdpo_lab.cache.store import fetch
 from tdpo_lab.config import Config
 from tdpo_lab.core.data import clean_text, load_imdb, make_prefixes
-from tdpo_lab.core.generation import sample
 from tdpo_lab.core.utils import atomic_path, set_threads
-from tdpo_lab.products.pairs import assert_no_inverted, build_pairs, rank_pairs
-from tdpo_lab.products.reward import get_reward
+from tdpo_lab.products.pairs import build_pairs, read_pair_table, sample_and_rank
 from tdpo_lab.products.sft import load_reference
 
 EVAL_PROMPT_SEED = 1234  # the held-out IMDb prefixes are the same for every run, so runs are comparable
@@ -101,9 +99,7 @@ def build_eval_pairs(cfg: Config, *, progress: bool = True, plan: Plan | None = 
 
 
 def _read_eval_pairs(folder: Path) -> pd.DataFrame:
-    df = pd.read_parquet(folder / EVAL_PAIRS_FILE)
-    assert_no_inverted(df)
-    return df
+    return read_pair_table(folder / EVAL_PAIRS_FILE)
 
 
 def _sample_eval_pairs(cfg: Config, folder: Path, *, progress: bool, plan: Plan) -> None:
@@ -114,19 +110,8 @@ def _sample_eval_pairs(cfg: Config, folder: Path, *, progress: bool, plan: Plan)
     trained = set(build_pairs(cfg, progress=progress, plan=plan)["prompt"])
     kept = np.array([i for i, p in enumerate(prompts) if p not in trained], dtype=np.int64)
     prompts = [prompts[i] for i in kept]
-    samples = sample(  # seeded per batch: the same pairs for every run on this pi_ref
-        model,
-        tokenizer,
-        prompts,
-        num_samples=cfg.samples_per_prompt,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.sample_batch_size,
-        seed=EVAL_PROMPT_SEED,
-        progress=progress,
-    )
-    flat = [p + s for p, group in zip(prompts, samples, strict=True) for s in group]
-    rewards = get_reward(cfg).score(flat).reshape(len(prompts), cfg.samples_per_prompt)
-    ranked = rank_pairs(prompts, samples, rewards, min_gap=cfg.min_reward_gap)
+    # seeded per batch: the same pairs for every run on this pi_ref
+    _, _, ranked = sample_and_rank(cfg, model, tokenizer, prompts, seed=EVAL_PROMPT_SEED, progress=progress)
     # prompt_id: the prompt's place among the test prefixes, as in the reward evaluation
     ranked["prompt_id"] = kept[ranked["prompt_id"].to_numpy(dtype=np.int64)]
     df = one_pair_per_prompt(ranked, cfg.eval_pairs)

@@ -91,10 +91,33 @@ def build_pairs(cfg: Config, *, progress: bool = True, plan: Plan | None = None)
     )
 
 
-def _read_pairs(folder: Path) -> pd.DataFrame:
-    df = pd.read_parquet(folder / PAIRS_FILE)
+def read_pair_table(path: Path) -> pd.DataFrame:
+    """A cached pair table, checked: no pair whose chosen reward is below its rejected one."""
+    df = pd.read_parquet(path)
     assert_no_inverted(df)
     return df
+
+
+def _read_pairs(folder: Path) -> pd.DataFrame:
+    return read_pair_table(folder / PAIRS_FILE)
+
+
+def sample_and_rank(cfg: Config, model, tokenizer, prompts: list[str], *, seed: int, progress: bool):
+    """``samples_per_prompt`` continuations of each prompt from ``model``, scored by the reward and ranked into
+    pairs: ``(samples, rewards [P, K], pairs)``. Seeded per batch from ``seed``."""
+    samples = sample(
+        model,
+        tokenizer,
+        prompts,
+        num_samples=cfg.samples_per_prompt,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.sample_batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    flat = [p + s for p, group in zip(prompts, samples, strict=True) for s in group]
+    rewards = get_reward(cfg).score(flat).reshape(len(prompts), cfg.samples_per_prompt)
+    return samples, rewards, rank_pairs(prompts, samples, rewards, min_gap=cfg.min_reward_gap)
 
 
 def _sample_pairs(cfg: Config, folder: Path, *, progress: bool, plan: Plan) -> None:
@@ -117,20 +140,9 @@ def _sample_pairs(cfg: Config, folder: Path, *, progress: bool, plan: Plan) -> N
         max_tokens=cfg.prefix_max_tokens,
         seed=cfg.data_seed,
     )
-    samples = sample(  # seeded per batch from cfg.data_seed inside
-        model,
-        tokenizer,
-        prompts,
-        num_samples=cfg.samples_per_prompt,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.sample_batch_size,
-        seed=cfg.data_seed,
-        progress=progress,
+    samples, rewards, df = sample_and_rank(
+        cfg, model, tokenizer, prompts, seed=cfg.data_seed, progress=progress
     )
-    reward = get_reward(cfg)
-    flat = [p + s for p, group in zip(prompts, samples, strict=True) for s in group]
-    rewards = reward.score(flat).reshape(len(prompts), cfg.samples_per_prompt)
-    df = rank_pairs(prompts, samples, rewards, min_gap=cfg.min_reward_gap)
     sample_rows = pd.DataFrame(
         [
             (pid, p, s, float(rewards[pid, k]))
